@@ -1,0 +1,102 @@
+"""Masked allreduce: each parameter's gradient averaged over the workers that used it (GPPF §3.2).
+
+    grad_p = sum_{workers i that used p} g_i[p] / N_p
+
+A head used by 1 of 8 workers gets that worker's full gradient (DDP would give it 1/8); a
+parameter nobody used gets `grad = None`, so the optimizer leaves it, its momentum and its weight
+decay alone. The use counts travel in the same buckets as the gradients (one extra float per
+parameter), plus a small vector of per-step statistics that every worker wants anyway (loss per
+task, NaN flags), so a step costs one collective per bucket and nothing more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Bucket:
+    params: list[nn.Parameter]
+    numel: int
+
+
+def make_buckets(params: list[nn.Parameter], bucket_mb: float = 25.0) -> list[Bucket]:
+    """Group parameters (in a fixed order, identical on every rank) into ~bucket_mb buckets."""
+    limit = int(bucket_mb * 1024 * 1024 / 4)
+    buckets: list[Bucket] = []
+    cur: list[nn.Parameter] = []
+    size = 0
+    for p in params:
+        if cur and size + p.numel() > limit:
+            buckets.append(Bucket(cur, size))
+            cur, size = [], 0
+        cur.append(p)
+        size += p.numel()
+    if cur:
+        buckets.append(Bucket(cur, size))
+    return buckets
+
+
+class MaskedAllReduce:
+    """Reusable reducer over a fixed parameter list.
+
+    `reduce(extra)` all-reduces the gradients, the per-parameter use counts and `extra` (a small
+    float vector summed across workers, returned). A parameter counts as used on a worker when its
+    `.grad` is not None after backward.
+    """
+
+    def __init__(self, params: list[nn.Parameter], bucket_mb: float = 25.0, group=None):
+        self.params = [p for p in params if p.requires_grad]
+        self.buckets = make_buckets(self.params, bucket_mb)
+        self.group = group
+
+    def reduce(self, extra: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Returns (extra summed over workers, per-parameter use counts N_p)."""
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        counts_all = []
+        extra_out = None
+        for i, bucket in enumerate(self.buckets):
+            ref = bucket.params[0]
+            n_extra = extra.numel() if (i == 0 and extra is not None) else 0
+            n_params = len(bucket.params)
+            flat = torch.zeros(bucket.numel + n_params + n_extra, dtype=torch.float32, device=ref.device)
+            offset = 0
+            for j, p in enumerate(bucket.params):
+                n = p.numel()
+                if p.grad is not None:
+                    flat[offset : offset + n].copy_(p.grad.reshape(-1))
+                    flat[bucket.numel + j] = 1.0
+                offset += n
+            if n_extra:
+                flat[bucket.numel + n_params :].copy_(extra.reshape(-1).float())
+            if distributed:
+                dist.all_reduce(flat, group=self.group)
+            counts = flat[bucket.numel : bucket.numel + n_params]
+            counts_all.append(counts)
+            if n_extra:
+                extra_out = flat[bucket.numel + n_params :].clone()
+            # One host sync per bucket: which parameters to drop must be known on the host.
+            used = (counts > 0).tolist()
+            scale = 1.0 / counts.clamp(min=1.0)
+            offset = 0
+            for j, p in enumerate(bucket.params):
+                n = p.numel()
+                if used[j]:
+                    g = flat[offset : offset + n].view_as(p).mul_(scale[j])
+                    if p.grad is None:
+                        p.grad = g.to(p.dtype)
+                    else:
+                        p.grad.copy_(g)
+                else:
+                    p.grad = None
+                offset += n
+        if extra is not None and not self.buckets:
+            extra_out = extra.float().clone()
+            if distributed:
+                dist.all_reduce(extra_out, group=self.group)
+        counts = torch.cat(counts_all) if counts_all else torch.zeros(0)
+        return extra_out, counts

@@ -1,0 +1,79 @@
+"""Command line shared by the job files: --data-root, --set key=value, --tasks, --resume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from gppf.config import ConfigError, apply_overrides, to_dict
+from gppf.job_config import JobConfig
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--data-root",
+        default=None,
+        help="directory holding the real datasets; without it the job runs the embedded demo "
+        "(local Ray, generated data, shrunken schedule)",
+    )
+    ap.add_argument("--demo-root", default="demo_data", help="where the embedded demo writes its data")
+    ap.add_argument("--tasks", default=None, help="comma-separated subset of the job's tasks to train")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set optim.lr=0.1 --set tasks.in21k.batch_size=64")
+    ap.add_argument("--resume", default=None, help="checkpoint directory to start from")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return ap
+
+
+def select_tasks(cfg: JobConfig, names: str | None) -> JobConfig:
+    if not names:
+        return cfg
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in cfg.tasks]
+    if unknown:
+        raise ConfigError(f"--tasks: unknown task {unknown[0]!r}; this job has {', '.join(cfg.tasks)}")
+    cfg.tasks = {n: cfg.tasks[n] for n in wanted}
+    return cfg
+
+
+def main(
+    description: str,
+    full_config: Callable[[str], JobConfig],
+    demo_config: Callable[[str], JobConfig],
+    argv: list[str] | None = None,
+) -> dict:
+    """Build the job's config (full with --data-root, else the embedded demo), run it, print the table."""
+    from gppf.runner import fit, results_table
+
+    args = parser(description).parse_args(argv)
+    try:
+        if args.data_root:
+            root = Path(args.data_root)
+            if not root.is_dir():
+                raise FileNotFoundError(f"--data-root {root} does not exist")
+            if not any(root.iterdir()):
+                raise FileNotFoundError(f"--data-root {root} is empty")
+            cfg = full_config(str(root.absolute()))
+        else:
+            from gppf.demo_data import generate
+
+            cfg = demo_config(str(generate(Path(args.demo_root).absolute())))
+        cfg = select_tasks(cfg, args.tasks)
+        cfg = apply_overrides(cfg, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return {}
+    t0 = time.time()
+    metrics = fit(cfg, resume_from=args.resume)
+    print(f"\n[gppf] {cfg.name}: {metrics.get('step')} steps in {time.time() - t0:.0f}s; "
+          f"run directory {Path(cfg.run_dir).absolute() / cfg.name}")
+    print(results_table(metrics))
+    return metrics

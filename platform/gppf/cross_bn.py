@@ -1,0 +1,133 @@
+"""Cross-task BatchNorm: batch statistics over the union of every worker's batch.
+
+Each worker runs a different task with its own batch size and image size, so statistics are
+synchronised as (sum, sum of squares, count) weighted by count (detectron2's stats_mode="N").
+`torch.nn.SyncBatchNorm` refuses CPU tensors and issues collectives that hang when a rank has an
+empty batch; this is one small autograd function over `torch.distributed` that runs the same on
+gloo and NCCL: one all_reduce forward, one backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def recomputing():
+    """Marks a gradient-checkpoint recompute: BN must not update running stats a second time."""
+    prev = getattr(_state, "recomputing", False)
+    _state.recomputing = True
+    try:
+        yield
+    finally:
+        _state.recomputing = prev
+
+
+def _is_recomputing() -> bool:
+    return getattr(_state, "recomputing", False)
+
+
+def _synced() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _CrossTaskBNFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, group):
+        c = x.shape[1]
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 inputs accumulate in fp32
+        xf = x.transpose(0, 1).reshape(c, -1).to(acc)  # [C, N*H*W]
+        count = torch.full((1,), float(xf.shape[1]), dtype=acc, device=x.device)
+        local = torch.cat([xf.sum(1), (xf * xf).sum(1), count])
+        if _synced():
+            dist.all_reduce(local, group=group)
+        count = local[-1].clamp(min=1.0)
+        mean = local[:c] / count
+        var = (local[c : 2 * c] / count - mean * mean).clamp(min=0.0)
+        invstd = torch.rsqrt(var + eps)
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        xhat = (x.to(acc) - mean.view(shape)) * invstd.view(shape)
+        y = xhat * weight.to(acc).view(shape) + bias.to(acc).view(shape)
+        ctx.save_for_backward(xhat, weight, invstd)
+        ctx.count = count
+        ctx.group = group
+        total = local[-1]
+        ctx.mark_non_differentiable(mean, var, total)
+        return y.to(x.dtype), mean, var, total
+
+    @staticmethod
+    def backward(ctx, gy, _gmean, _gvar, _gcount):
+        xhat, weight, invstd = ctx.saved_tensors
+        c = xhat.shape[1]
+        shape = (1, c) + (1,) * (xhat.dim() - 2)
+        g = gy.to(xhat.dtype)
+        dims = [0] + list(range(2, g.dim()))
+        sum_dy = g.sum(dims)
+        sum_dy_xhat = (g * xhat).sum(dims)
+        grad_weight = sum_dy_xhat.to(weight.dtype)  # local: the masked allreduce averages it
+        grad_bias = sum_dy.to(weight.dtype)
+        both = torch.cat([sum_dy, sum_dy_xhat])
+        if _synced():
+            dist.all_reduce(both, group=ctx.group)
+        mean_dy = (both[:c] / ctx.count).view(shape)
+        mean_dy_xhat = (both[c:] / ctx.count).view(shape)
+        gx = (g - mean_dy - xhat * mean_dy_xhat) * (weight.to(xhat.dtype) * invstd).view(shape)
+        return gx.to(gy.dtype), grad_weight, grad_bias, None, None
+
+
+class CrossTaskBatchNorm2d(nn.BatchNorm2d):
+    """Drop-in BatchNorm2d whose training statistics span all workers (and all their tasks).
+
+    With a world size of 1 (or no process group) it computes plain BN, so single-process tests
+    and evaluation need nothing special. `group` restricts the sync to a process group.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, group=None):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True)
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        y, mean, var, count = _CrossTaskBNFn.apply(x, self.weight, self.bias, self.eps, self.group)
+        if not _is_recomputing():
+            # No .item(): a host sync per BN layer would stall the GPU. A global count <= 1 (all
+            # batches empty) leaves the running stats as they were.
+            with torch.no_grad():
+                valid = count > 1
+                unbiased = var * (count / (count - 1).clamp(min=1.0))
+                rate = torch.where(valid, torch.tensor(self.momentum, dtype=self.running_mean.dtype, device=x.device), 0.0)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), rate)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), rate)
+                self.num_batches_tracked.add_(valid.to(self.num_batches_tracked.dtype))
+        return y
+
+    @classmethod
+    def convert(cls, module: nn.Module, group=None) -> nn.Module:
+        """Replace every BatchNorm2d under `module` (keeping its weights and stats)."""
+        if isinstance(module, nn.BatchNorm2d) and not isinstance(module, cls):
+            new = cls(module.num_features, module.eps, module.momentum or 0.1, group=group)
+            with torch.no_grad():
+                if module.affine:
+                    new.weight.copy_(module.weight)
+                    new.bias.copy_(module.bias)
+                if module.track_running_stats:
+                    new.running_mean.copy_(module.running_mean)
+                    new.running_var.copy_(module.running_var)
+                    new.num_batches_tracked.copy_(module.num_batches_tracked)
+            return new
+        for name, child in module.named_children():
+            new_child = cls.convert(child, group)
+            if new_child is not child:
+                setattr(module, name, new_child)
+        return module

@@ -1,0 +1,162 @@
+"""Per-worker, per-task Ray Data streams that never make one worker wait for another.
+
+Ray Train's `get_dataset_shard` uses `streaming_split`, which pre-assigns blocks to ranks and has
+a per-epoch barrier: with ranks consuming tasks at independent random rates it deadlocks within
+about 60 steps (DESIGN.md). Instead each worker builds its own Ray Data pipeline over its share of
+each task's units:
+
+    pass p of task t on rank r = concat over epochs e in p of permute(units, seed, t, e)[r::world]
+                                 -> task.source.read -> map_batches(task.preprocess) -> batches
+
+so there is no shared coordinator, a worker that stops pulling a task only stops its own
+pipeline (Ray Data backpressure), the number of steps is unbounded (passes roll over), and the
+share follows the world size. The position (pass, batches taken) is the whole stream state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from gppf.task import Task
+
+
+@dataclass
+class StreamConfig:
+    prefetch_batches: int = 2
+    min_rows_per_pass: int = 512  # small datasets repeat epochs inside one pass to amortise start-up
+    cpus_per_task: float = 0.25  # Ray CPUs per decode/augment task (fractional: decode is light)
+    preserve_order: bool = True  # deterministic order: the position then identifies the next batch
+
+
+def task_key(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def _preprocess(batch: dict[str, np.ndarray], task: Task, train: bool, seed: int) -> dict[str, np.ndarray]:
+    return task.preprocess(batch, train=train, seed=seed)
+
+
+def configure_data_context(cfg: StreamConfig) -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = cfg.preserve_order
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def build_dataset(task: Task, read, units: list[Any], train: bool, seed: int, cfg: StreamConfig):
+    ds = read(units)
+    return ds.map_batches(
+        _preprocess,
+        fn_kwargs={"task": task, "train": train, "seed": seed},
+        batch_format="numpy",
+        batch_size=max(1, task.cfg.batch_size),
+        num_cpus=cfg.cpus_per_task,
+    )
+
+
+class TaskStream:
+    """Unbounded batches of one task for one worker. `next()` returns (batch, seconds waited)."""
+
+    def __init__(self, task: Task, seed: int, rank: int, world: int, cfg: StreamConfig | None = None):
+        self.task = task
+        self.seed = seed
+        self.rank = rank
+        self.world = world
+        self.cfg = cfg or StreamConfig()
+        src = task.source("train")
+        if not src.units:
+            raise ValueError(f"task {task.name!r}: the train split has no data")
+        self.units = src.units
+        self.read = src.read
+        self.rows_per_unit = src.rows_per_unit
+        self.pass_idx = 0
+        self.taken = 0  # batches taken from the current pass
+        self._it: Iterator | None = None
+
+    # -- the plan of a pass: a pure function of (seed, task, pass, rank, world) --------------
+    def _share(self, epoch: int) -> list[Any]:
+        rng = np.random.default_rng([self.seed, task_key(self.task.name), epoch])
+        order = rng.permutation(len(self.units))
+        mine = order[self.rank :: self.world]
+        if len(mine) == 0:  # fewer units than workers (a few Parquet files): wrap around
+            mine = order[[self.rank % len(order)]]
+        return [self.units[i] for i in mine]
+
+    def epochs_per_pass(self) -> int:
+        rows = max(1, len(self._share(0)) * self.rows_per_unit)
+        return max(1, math.ceil(self.cfg.min_rows_per_pass / rows))
+
+    def pass_units(self, pass_idx: int) -> list[Any]:
+        k = self.epochs_per_pass()
+        out: list[Any] = []
+        for e in range(pass_idx * k, (pass_idx + 1) * k):
+            out.extend(self._share(e))
+        return out
+
+    def _start_pass(self) -> None:
+        seed = int(np.random.default_rng([self.seed, task_key(self.task.name), self.pass_idx, self.rank]).integers(2**31))
+        ds = build_dataset(self.task, self.read, self.pass_units(self.pass_idx), True, seed, self.cfg)
+        self._it = iter(
+            ds.iter_torch_batches(
+                batch_size=self.task.cfg.batch_size, drop_last=True, prefetch_batches=self.cfg.prefetch_batches
+            )
+        )
+
+    def next(self) -> tuple[dict[str, torch.Tensor], float]:
+        t0 = time.perf_counter()
+        for _ in range(3):
+            if self._it is None:
+                self._start_pass()
+                skip, self.taken = self.taken, 0
+                for _ in range(skip):  # resuming mid-pass: drop what the checkpointed run consumed
+                    next(self._it)
+                    self.taken += 1
+            try:
+                batch = next(self._it)
+                self.taken += 1
+                return batch, time.perf_counter() - t0
+            except StopIteration:
+                self.pass_idx += 1
+                self.taken = 0
+                self._it = None
+        raise RuntimeError(
+            f"task {self.task.name!r}: rank {self.rank}'s share yields no full batch of "
+            f"{self.task.cfg.batch_size}; lower tasks.{self.task.name}.batch_size or add data"
+        )
+
+    def state(self) -> dict[str, int]:
+        return {"pass_idx": self.pass_idx, "taken": self.taken}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.pass_idx = int(state["pass_idx"])
+        self.taken = int(state["taken"])
+        self._it = None
+
+
+def eval_batches(task: Task, rank: int, world: int, cfg: StreamConfig | None = None) -> Iterator[dict]:
+    """One pass over rank's share of the validation split (no shuffling, last batch kept)."""
+    cfg = cfg or StreamConfig()
+    src = task.source("val")
+    units = src.units[rank::world]
+    if not units:
+        return iter(())
+    ds = build_dataset(task, src.read, units, False, 0, cfg)
+    return iter(ds.iter_torch_batches(batch_size=task.cfg.batch_size, drop_last=False, prefetch_batches=1))
+
+
+def items_dataset(items: list[Any], rows_per_block: int = 64):
+    """`ray.data.from_items` with blocks of ~rows_per_block rows. The default splits a few hundred
+    items into as many blocks, and a Ray task per tiny block costs more than decoding it."""
+    import ray.data
+
+    return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_block)))

@@ -1,0 +1,60 @@
+"""The config tree of a training job. Each component owns one small dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gppf.backbone import BackboneConfig
+from gppf.config import from_dict
+from gppf.data.stream import StreamConfig
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # "sgd" or "adamw"
+    lr: float = 0.16
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_steps: int = 50_000
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500_000
+    seed: int = 0
+    per_batch_sampling: bool = False  # ablation: all workers run the same task at a step
+    amp: bool = True  # autocast on GPU (ignored on CPU)
+    amp_dtype: str = "bfloat16"  # or "float16" (then a GradScaler is used)
+    log_every: int = 50
+    checkpoint_every: int = 5000
+    eval_at_start: bool = True
+    eval_max_batches: int = 0  # per task and worker; 0 = the whole validation split
+    bucket_mb: float = 25.0
+    torch_threads: int = 0  # 0 = cores / workers on this node
+    collective_timeout_s: int = 1800  # a hung collective becomes an error after this long
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+
+
+@dataclass
+class JobConfig:
+    name: str = "gppf"
+    run_dir: str = "runs"
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: StreamConfig = field(default_factory=StreamConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobConfig:
+        return from_dict(cls, data, where="config")

@@ -1,0 +1,92 @@
+"""The one task registry: `@register_task("name")`, plus the `gppf.tasks` entry-point group.
+
+A plugin in its own pip package declares, in its pyproject.toml:
+
+    [project.entry-points."gppf.tasks"]
+    my_task = "my_package.module:MyTask"
+
+and its class is found the first time a job names `my_task`.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from typing import Any
+
+from gppf.config import ConfigError, from_dict
+from gppf.task import Task
+
+ENTRY_POINT_GROUP = "gppf.tasks"
+
+_REGISTRY: dict[str, type[Task]] = {}
+# Task types a job may name that a later release implements; refused with this message.
+PLANNED: dict[str, str] = {
+    "detection": "detection / instance segmentation (Faster/Mask R-CNN) is not implemented yet",
+}
+
+
+class TaskRegistryError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; we want it readable
+        return str(self.args[0])
+
+
+def register_task(name: str):
+    """Class decorator registering a Task subclass under `name`; a duplicate name is an error."""
+
+    def deco(cls: type[Task]) -> type[Task]:
+        if not (isinstance(cls, type) and issubclass(cls, Task)):
+            raise TypeError(f"@register_task({name!r}) must decorate a gppf.task.Task subclass, got {cls!r}")
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing is not cls:
+            if f"{existing.__module__}.{existing.__qualname__}" != f"{cls.__module__}.{cls.__qualname__}":
+                raise TaskRegistryError(
+                    f"task type {name!r} is already registered by "
+                    f"{existing.__module__}.{existing.__qualname__}; "
+                    f"{cls.__module__}.{cls.__qualname__} cannot take the same name"
+                )
+        _REGISTRY[name] = cls
+        cls.task_type = name
+        return cls
+
+    return deco
+
+
+def _load_entry_point(name: str) -> type[Task] | None:
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            cls = ep.load()  # importing the module runs its @register_task
+            if name not in _REGISTRY:
+                register_task(name)(cls)
+            return _REGISTRY[name]
+    return None
+
+
+def available() -> list[str]:
+    names = set(_REGISTRY)
+    names.update(ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(names)
+
+
+def get_task_class(name: str) -> type[Task]:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    cls = _load_entry_point(name)
+    if cls is not None:
+        return cls
+    if name in PLANNED:
+        raise TaskRegistryError(f"task type {name!r}: {PLANNED[name]}")
+    raise TaskRegistryError(f"unknown task type {name!r}; registered task types: {', '.join(available())}")
+
+
+def build_task(name: str, entry: dict[str, Any]) -> Task:
+    """Build task instance `name` from a job's `tasks.<name>` entry ({"type": ..., **config})."""
+    entry = dict(entry)
+    if "type" not in entry:
+        raise ConfigError(f"tasks.{name}: missing key 'type' (one of {', '.join(available())})")
+    task_type = entry.pop("type")
+    try:
+        cls = get_task_class(task_type)
+    except TaskRegistryError as e:
+        raise TaskRegistryError(f"tasks.{name}: {e}") from None
+    cfg = from_dict(cls.config_cls, entry, where=f"tasks.{name}")
+    return cls(name, cfg)

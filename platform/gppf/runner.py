@@ -1,0 +1,104 @@
+"""Driver side: validate a job config, launch the SIMT workers with Ray Train, print results."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from gppf.config import to_dict
+from gppf.job_config import JobConfig
+from gppf.train_loop import build_tasks, train_loop_per_worker
+
+
+def resolve(cfg: JobConfig) -> JobConfig:
+    """Check every task's data on the driver (clear errors before any worker starts) and fill in
+    derived values (e.g. num_classes) so the workers and the run directory see the same config."""
+    if not cfg.tasks:
+        raise ValueError("config.tasks is empty: a job needs at least one task")
+    for task in build_tasks(cfg):
+        if not task.cfg.data_root:
+            raise ValueError(f"tasks.{task.name}.data_root is not set")
+        root = Path(task.cfg.data_root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"task {task.name!r}: data root {root} does not exist")
+        if not any(root.iterdir()):
+            raise FileNotFoundError(f"task {task.name!r}: data root {root} is empty")
+        task.check_data()
+        cfg.tasks[task.name] = {"type": cfg.tasks[task.name]["type"], **to_dict(task.cfg)}
+    return cfg
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Inside `ray job submit` (or with RAY_ADDRESS set) this joins that cluster; otherwise it
+    # starts a local instance, which is the embedded default.
+    ray.init(num_cpus=num_cpus if not os.environ.get("RAY_ADDRESS") else None, log_to_driver=True)
+
+
+def fit(cfg: JobConfig, resume_from: str | None = None) -> dict[str, Any]:
+    """Run the job to completion; returns the final metrics (with initial and final evaluation)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = resolve(cfg)
+    run_dir = Path(cfg.run_dir).expanduser().absolute()
+    (run_dir / cfg.name).mkdir(parents=True, exist_ok=True)
+    (run_dir / cfg.name / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    ensure_ray()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": to_dict(cfg)},
+        torch_config=TorchConfig(
+            backend="nccl" if cfg.scaling.use_gpu else "gloo", timeout_s=cfg.train.collective_timeout_s
+        ),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=str(run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        resume_from_checkpoint=ray.train.Checkpoint.from_directory(resume_from) if resume_from else None,
+    )
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    (run_dir / cfg.name / "results.json").write_text(json.dumps(metrics, indent=2, default=str))
+    return metrics
+
+
+def results_table(metrics: dict[str, Any]) -> str:
+    """The per-task validation table: primary metric at step 0 and at the end."""
+    initial = metrics.get("initial_eval") or {}
+    final = metrics.get("final_eval") or {}
+    rows = [("task", "metric", "step 0", f"step {metrics.get('step', '?')}", "change")]
+    for task, m in final.items():
+        for key, value in m.items():
+            before = initial.get(task, {}).get(key)
+            rows.append(
+                (
+                    task,
+                    key,
+                    "-" if before is None else f"{before:.2f}",
+                    f"{value:.2f}",
+                    "-" if before is None else f"{value - before:+.2f}",
+                )
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    line = "+".join("-" * (w + 2) for w in widths)
+    out = [line]
+    for j, r in enumerate(rows):
+        out.append("|".join(f" {c:<{widths[i]}} " for i, c in enumerate(r)))
+        if j == 0:
+            out.append(line)
+    out.append(line)
+    return "\n".join(out)

@@ -1,0 +1,106 @@
+"""What a task is: a dataset plus (pre, net, loss) plus a metric (GPPF §3.2).
+
+A plugin subclasses `Task`, declares its config dataclass (a subclass of `TaskConfig`) and
+registers itself with `@register_task("name")` (see `gppf.registry`). The trainer only ever talks
+to this interface, so classification, segmentation and detection plug in the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class TaskConfig:
+    """Fields every task has. Plugins subclass this and add their own."""
+
+    data_root: str = ""
+    batch_size: int = 8  # per worker, per step
+    sampling_weight: float = 1.0  # relative probability that a worker picks this task at a step
+    loss_weight: float = 1.0  # w_t in GPPF's objective
+    input_size: int = 224
+
+
+@dataclass
+class FeatureInfo:
+    """One backbone output as heads see it: channels and stride (timm's feature_info)."""
+
+    channels: int
+    reduction: int
+
+
+@dataclass
+class DataSource:
+    """A split of a task's data as shardable units plus how to read a list of them with Ray Data.
+
+    `units` are small picklable things (item dicts, or file paths for Parquet). The stream of each
+    worker permutes them per epoch, takes its rank's share and calls `read` on it, so workers never
+    share a coordinator (see gppf.data.stream).
+    """
+
+    units: list[Any]
+    read: Callable[[list[Any]], Any]  # list of units -> ray.data.Dataset of raw records
+    rows_per_unit: int = 1
+
+
+class Evaluator:
+    """Accumulates a metric over batches; `state()` is a float vector that all-reduces by sum."""
+
+    primary: ClassVar[str] = "metric"
+
+    def update(self, outputs: Any, batch: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def state(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def load_state(self, state: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class Task:
+    """Base class of task plugins. Subclasses set `config_cls` and implement the five hooks."""
+
+    config_cls: ClassVar[type[TaskConfig]] = TaskConfig
+
+    def __init__(self, name: str, cfg: TaskConfig):
+        self.name = name
+        self.cfg = cfg
+
+    # -- data -----------------------------------------------------------------------------
+    def check_data(self) -> None:
+        """Raise a clear error if the data root is missing or empty (called on the driver)."""
+
+    def source(self, split: str) -> DataSource:
+        raise NotImplementedError
+
+    def preprocess(self, batch: dict[str, np.ndarray], train: bool, seed: int) -> dict[str, np.ndarray]:
+        """`pre`: decode and augment raw records into fixed-shape arrays (runs in Ray Data)."""
+        raise NotImplementedError
+
+    # -- model ----------------------------------------------------------------------------
+    def build_head(self, features: list[FeatureInfo]) -> nn.Module:
+        """`net`: the task head on top of the backbone's declared outputs."""
+        raise NotImplementedError
+
+    def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluator(self) -> Evaluator:
+        raise NotImplementedError
+
+    def input_key(self) -> str:
+        return "image"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "type": type(self).__name__, **dataclasses.asdict(self.cfg)}

@@ -1,0 +1,309 @@
+"""The SIMT worker: what every Ray Train worker runs.
+
+One step (DESIGN.md, GPPF §3.2): sample this worker's task from (seed, step, rank), pull a batch
+from that task's stream, forward backbone + head, backward (cross-task BN syncs statistics inside),
+masked allreduce (each gradient averaged over the workers that used it), optimizer step on the
+parameters somebody used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from gppf.allreduce import MaskedAllReduce
+from gppf.backbone import Backbone
+from gppf.config import from_dict
+from gppf.data.stream import TaskStream, configure_data_context, eval_batches
+from gppf.job_config import JobConfig
+from gppf.model import MultiTaskModel
+from gppf.optim import build_optimizer, build_scheduler
+from gppf.registry import build_task
+from gppf.sampler import sample_task
+from gppf.task import Task
+
+CKPT_FILE = "state.pt"
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_tasks(cfg: JobConfig) -> list[Task]:
+    import task_plugins  # noqa: F401  (registers the bundled plugins; entry points cover the rest)
+
+    return [build_task(name, entry) for name, entry in cfg.tasks.items()]
+
+
+class SIMTWorker:
+    def __init__(self, cfg: JobConfig, device: torch.device, tasks: list[Task] | None = None):
+        self.cfg = cfg
+        self.device = device
+        self.rank, self.world = _world()
+        self.tasks = tasks if tasks is not None else build_tasks(cfg)
+        self.weights = [t.cfg.sampling_weight for t in self.tasks]
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.model = MultiTaskModel(Backbone.from_config(cfg.backbone), self.tasks).to(device)
+        self._broadcast_parameters()
+        self.reducer = MaskedAllReduce(list(self.model.parameters()), cfg.train.bucket_mb)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        amp_on = cfg.train.amp and device.type == "cuda"
+        self.amp_dtype = torch.float16 if cfg.train.amp_dtype == "float16" else torch.bfloat16
+        self.autocast = (
+            (lambda: torch.autocast("cuda", dtype=self.amp_dtype)) if amp_on else contextlib.nullcontext
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if amp_on and self.amp_dtype == torch.float16 else None
+        self.streams: dict[str, TaskStream] = {}
+        self.step = 0
+
+    def _broadcast_parameters(self) -> None:
+        if self.world > 1:
+            for t in list(self.model.parameters()) + list(self.model.buffers()):
+                dist.broadcast(t.data, src=0)
+
+    def stream(self, task: Task) -> TaskStream:
+        if task.name not in self.streams:
+            self.streams[task.name] = TaskStream(task, self.cfg.train.seed, self.rank, self.world, self.cfg.data)
+        return self.streams[task.name]
+
+    def task_at(self, step: int) -> int:
+        return sample_task(self.weights, self.cfg.train.seed, step, self.rank, self.cfg.train.per_batch_sampling)
+
+    # ------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        """One SIMT step. Returns this step's statistics summed over all workers."""
+        t0 = time.perf_counter()
+        ti = self.task_at(self.step)
+        task = self.tasks[ti]
+        batch, wait = self.stream(task).next()
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        self.model.train()
+        with self.autocast():
+            out, tie = self.model(batch[task.input_key()], task.name)
+            loss = task.loss(out, batch) * task.cfg.loss_weight
+        (self.scaler.scale(loss + tie) if self.scaler else loss + tie).backward()
+
+        n = len(self.tasks)  # per-step stats ride along with the gradients: [nan | loss | steps | samples | wait]
+        stats = torch.zeros(4 * n + 1, device=self.device)
+        finite = bool(torch.isfinite(loss.detach()))
+        stats[ti] = 0.0 if finite else 1.0
+        stats[n + ti] = loss.detach().float() if finite else 0.0
+        stats[2 * n + ti] = 1.0
+        stats[3 * n + ti] = batch[task.input_key()].shape[0]
+        stats[4 * n] = wait
+        summed, _ = self.reducer.reduce(stats)
+        summed = summed.cpu()
+        if summed[:n].sum() > 0:
+            bad = [self.tasks[i].name for i in range(n) if summed[i] > 0]
+            raise NonFiniteLossError(f"non-finite loss in task(s) {', '.join(bad)} at step {self.step}")
+
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # None = "unused" for the next masked allreduce
+        self.scheduler.step()
+        self.step += 1
+        return {"task": task.name, "stats": summed, "wait": wait, "time": time.perf_counter() - t0}
+
+    # ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, max_batches: int = 0) -> dict[str, dict[str, float]]:
+        """Every worker evaluates its share of each task's validation split; states are summed."""
+        self.model.eval()
+        results = {}
+        for task in self.tasks:
+            ev = task.evaluator()
+            for i, batch in enumerate(eval_batches(task, self.rank, self.world, self.cfg.data)):
+                if max_batches and i >= max_batches:
+                    break
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                with self.autocast():
+                    out, _ = self.model(batch[task.input_key()], task.name)
+                ev.update(out.float() if torch.is_tensor(out) else out, batch)
+            state = ev.state().to(self.device, torch.float64)
+            if self.world > 1:
+                dist.all_reduce(state)
+            ev.load_state(state.cpu())
+            results[task.name] = ev.compute()
+        self.model.train()
+        return results
+
+    # ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        streams = {name: s.state() for name, s in self.streams.items()}
+        all_streams: list[Any] = [None] * self.world
+        if self.world > 1:
+            dist.all_gather_object(all_streams, streams)
+        else:
+            all_streams = [streams]
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "streams": all_streams,  # per rank: {task: {pass_idx, taken}}
+            "world_size": self.world,
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state()[1].tolist(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        streams = state.get("streams") or []
+        # Same world size: each rank continues its own streams where they stopped. Otherwise the
+        # shares changed anyway, so streams restart at the next pass of the new layout.
+        if state.get("world_size") == self.world and self.rank < len(streams):
+            for task in self.tasks:
+                if task.name in streams[self.rank]:
+                    self.stream(task).load_state(streams[self.rank][task.name])
+
+
+def save_checkpoint(state: dict[str, Any], directory: str) -> None:
+    tmp = Path(directory) / (CKPT_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, Path(directory) / CKPT_FILE)
+
+
+def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    return torch.load(Path(directory) / CKPT_FILE, map_location=map_location, weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker (`TorchTrainer(train_loop_per_worker=...)`)."""
+    import ray.train
+
+    cfg = from_dict(JobConfig, config["job"], where="config")
+    ctx = ray.train.get_context()
+    threads = cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
+    torch.set_num_threads(threads)
+    configure_data_context(cfg.data)
+    device = torch.device(f"cuda:{ctx.get_local_rank()}" if cfg.scaling.use_gpu else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    w = SIMTWorker(cfg, device)
+    ckpt = ray.train.get_checkpoint()
+    initial_eval: dict[str, Any] = {}
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint(d)
+        w.load_state_dict(state)
+        initial_eval = state.get("initial_eval", {})
+        if w.rank == 0:
+            print(f"[gppf] resumed from checkpoint at step {w.step}", flush=True)
+    elif cfg.train.eval_at_start:
+        initial_eval = w.evaluate(cfg.train.eval_max_batches)
+
+    logger = _Logger(cfg, w) if w.rank == 0 else None
+    n = len(w.tasks)
+    window = torch.zeros(4 * n + 1)
+    window_time = 0.0
+    while w.step < cfg.train.steps:
+        out = w.train_step()
+        window += out["stats"]
+        window_time += out["time"]
+        last = w.step == cfg.train.steps
+        if w.step % cfg.train.log_every == 0 or last:
+            metrics = _window_metrics(w, window, window_time)
+            if logger:
+                logger.log(w.step, metrics)
+            window.zero_()
+            window_time = 0.0
+            final_eval = w.evaluate(cfg.train.eval_max_batches) if last else None
+            if final_eval is not None:
+                metrics["final_eval"] = final_eval
+                metrics["initial_eval"] = initial_eval
+                if logger:
+                    logger.log_eval(w.step, final_eval)
+            do_ckpt = last or (cfg.train.checkpoint_every and w.step % cfg.train.checkpoint_every == 0)
+            _report(w, metrics, do_ckpt, initial_eval)
+    if logger:
+        logger.close()
+
+
+def _window_metrics(w: SIMTWorker, window: torch.Tensor, seconds: float) -> dict[str, Any]:
+    n = len(w.tasks)
+    steps = window[2 * n : 3 * n]
+    total_steps = max(steps.sum().item() / max(w.world, 1), 1.0)
+    m: dict[str, Any] = {"step": w.step, "lr": w.scheduler.get_last_lr()[0], "world_size": w.world}
+    for i, t in enumerate(w.tasks):
+        if steps[i] > 0:
+            m[f"loss/{t.name}"] = (window[n + i] / steps[i]).item()
+        m[f"worker_steps/{t.name}"] = int(steps[i].item())
+        m[f"images_per_s/{t.name}"] = window[3 * n + i].item() / max(seconds, 1e-9)
+    m["data_wait_fraction"] = window[4 * n].item() / max(w.world, 1) / max(seconds, 1e-9)
+    m["step_time_s"] = seconds / total_steps
+    return m
+
+
+def _report(w: SIMTWorker, metrics: dict[str, Any], checkpoint: bool, initial_eval: dict[str, Any]) -> None:
+    import ray.train
+
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    state = w.state_dict()  # collective (gathers stream positions): every rank calls it
+    state["initial_eval"] = initial_eval
+    if w.rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(state, d)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+class _Logger:
+    """Rank 0's TensorBoard scalars and progress lines."""
+
+    def __init__(self, cfg: JobConfig, w: SIMTWorker):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.dir = Path(cfg.run_dir).expanduser().absolute() / cfg.name / "tensorboard"
+        self.writer = SummaryWriter(str(self.dir))
+        self.total = cfg.train.steps
+        self.t0 = time.time()
+
+    def log(self, step: int, m: dict[str, Any]) -> None:
+        for k, v in m.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self.writer.add_scalar(k, v, step)
+        losses = " ".join(f"{k[5:]}={v:.3f}" for k, v in m.items() if k.startswith("loss/"))
+        print(
+            f"[gppf] step {step}/{self.total} {losses} lr={m['lr']:.4f} "
+            f"data_wait={100 * m['data_wait_fraction']:.1f}% step={m['step_time_s'] * 1000:.0f}ms "
+            f"elapsed={time.time() - self.t0:.0f}s",
+            flush=True,
+        )
+
+    def log_eval(self, step: int, results: dict[str, dict[str, float]]) -> None:
+        for task, metrics in results.items():
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"val/{task}/{k}", v, step)
+
+    def close(self) -> None:
+        self.writer.close()

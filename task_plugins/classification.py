@@ -1,0 +1,178 @@
+"""Image classification: ImageFolder or Parquet sources, GAP + linear head, top-1/top-5."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn import functional as F
+
+from gppf.data.images import (
+    BadSampleError,
+    center_crop_box,
+    open_image,
+    random_resized_crop_box,
+    sample_rng,
+    to_chw,
+)
+from gppf.data.stream import items_dataset
+from gppf.registry import register_task
+from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG"}
+
+
+@dataclass
+class ClassificationConfig(TaskConfig):
+    format: str = "auto"  # "imagefolder" (split/<class>/<image>), "parquet" (split/*.parquet) or "auto"
+    num_classes: int = 0  # 0: the number of class folders (ImageFolder) or max label + 1 (Parquet)
+    train_split: str = "train"
+    val_split: str = "val"
+    image_column: str = "image"  # Parquet: encoded image bytes
+    label_column: str = "label"  # Parquet: integer class id
+    label_smoothing: float = 0.0
+    crop_scale_min: float = 0.35
+
+
+class TopKEvaluator(Evaluator):
+    primary = "top1"
+
+    def __init__(self, num_classes: int):
+        self.k5 = num_classes >= 5
+        self.counts = torch.zeros(3, dtype=torch.float64)  # correct@1, correct@5, total
+
+    def update(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        y = batch["label"].to(outputs.device)
+        top = outputs.topk(min(5, outputs.shape[1]), dim=1).indices
+        self.counts[0] += (top[:, 0] == y).sum().item()
+        self.counts[1] += (top == y[:, None]).any(1).sum().item()
+        self.counts[2] += y.numel()
+
+    def state(self) -> torch.Tensor:
+        return self.counts.clone()
+
+    def load_state(self, state: torch.Tensor) -> None:
+        self.counts = state.to(torch.float64).clone()
+
+    def compute(self) -> dict[str, float]:
+        n = max(self.counts[2].item(), 1.0)
+        out = {"top1": 100.0 * self.counts[0].item() / n}
+        if self.k5:
+            out["top5"] = 100.0 * self.counts[1].item() / n
+        return out
+
+
+class ClassificationHead(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return self.fc(feats[-1].mean((2, 3)))
+
+
+def _list_imagefolder(root: Path) -> tuple[list[dict], list[str]]:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    items = []
+    for idx, c in enumerate(classes):
+        for f in sorted((root / c).iterdir()):
+            if f.suffix in IMAGE_EXTS:
+                items.append({"path": str(f), "label": idx})
+    return items, classes
+
+
+@register_task("classification")
+class ClassificationTask(Task):
+    config_cls = ClassificationConfig
+    cfg: ClassificationConfig
+
+    def _split_dir(self, split: str) -> Path:
+        name = self.cfg.train_split if split == "train" else self.cfg.val_split
+        return Path(self.cfg.data_root) / name
+
+    def _format(self) -> str:
+        if self.cfg.format != "auto":
+            if self.cfg.format not in ("imagefolder", "parquet"):
+                raise ValueError(f"tasks.{self.name}.format must be imagefolder, parquet or auto")
+            return self.cfg.format
+        return "parquet" if any(self._split_dir("train").glob("*.parquet")) else "imagefolder"
+
+    def check_data(self) -> None:
+        for split in ("train", "val"):
+            d = self._split_dir(split)
+            if not d.is_dir():
+                raise FileNotFoundError(f"task {self.name!r}: {split} split directory {d} does not exist")
+            if not self.source(split).units:
+                raise FileNotFoundError(f"task {self.name!r}: {split} split directory {d} holds no images")
+        if self.cfg.num_classes <= 0:
+            self.cfg.num_classes = self._infer_num_classes()
+
+    def _infer_num_classes(self) -> int:
+        if self._format() == "imagefolder":
+            return len(_list_imagefolder(self._split_dir("train"))[1])
+        import pyarrow.parquet as pq
+
+        top = 0
+        for f in sorted(self._split_dir("train").glob("*.parquet")):
+            col = pq.read_table(f, columns=[self.cfg.label_column]).column(0)
+            top = max(top, int(np.max(col.to_numpy())) + 1)
+        return top
+
+    def source(self, split: str) -> DataSource:
+        import ray.data
+
+        d = self._split_dir(split)
+        if self._format() == "parquet":
+            import pyarrow.parquet as pq
+
+            files = sorted(str(f) for f in d.glob("*.parquet"))
+            rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+            cols = [self.cfg.image_column, self.cfg.label_column]
+            return DataSource(
+                units=files,
+                read=lambda units: ray.data.read_parquet(units, columns=cols),
+                rows_per_unit=max(1, rows // max(1, len(files))),
+            )
+        items = _list_imagefolder(d)[0] if d.is_dir() else []
+        return DataSource(units=items, read=items_dataset)
+
+    def preprocess(self, batch: dict[str, np.ndarray], train: bool, seed: int) -> dict[str, np.ndarray]:
+        size = self.cfg.input_size
+        if "path" in batch:
+            srcs, names = list(batch["path"]), [str(p) for p in batch["path"]]
+            labels = batch["label"]
+        else:
+            srcs = list(batch[self.cfg.image_column])
+            names = [f"Parquet row with {len(s)}-byte image" for s in srcs]
+            labels = batch[self.cfg.label_column]
+        images = np.empty((len(srcs), 3, size, size), dtype=np.float32)
+        for i, (src, name) in enumerate(zip(srcs, names)):
+            label = int(labels[i])
+            if not 0 <= label < self.cfg.num_classes:
+                raise BadSampleError(
+                    f"task {self.name!r}: class id {label} of {name} is outside [0, {self.cfg.num_classes})"
+                )
+            img = open_image(src if isinstance(src, (bytes, bytearray)) else str(src), self.name, name)
+            if train:
+                rng = sample_rng(seed, src if isinstance(src, (bytes, bytearray)) else name)
+                box = random_resized_crop_box(rng, *img.size, scale=(self.cfg.crop_scale_min, 1.0))
+                img = img.resize((size, size), Image.BILINEAR, box=box)
+                if rng.random() < 0.5:
+                    img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            else:
+                img = img.resize((size, size), Image.BILINEAR, box=center_crop_box(*img.size))
+            images[i] = to_chw(img)
+        return {"image": images, "label": np.asarray(labels, dtype=np.int64)}
+
+    def build_head(self, features: list[FeatureInfo]) -> nn.Module:
+        return ClassificationHead(features[-1].channels, self.cfg.num_classes)
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(outputs, batch["label"], label_smoothing=self.cfg.label_smoothing)
+
+    def evaluator(self) -> Evaluator:
+        return TopKEvaluator(self.cfg.num_classes)

@@ -1,0 +1,194 @@
+"""Semantic segmentation: image + PNG label pairs, a light FPN-style conv head, mIoU.
+
+Layout (relative to data_root, configurable): train/images/<stem>.{jpg,png} with
+train/labels/<stem>.png, and the same under val/. Label pixels are class ids, `ignore_index` (255) marks void. `label_map` remaps raw ids first
+(e.g. COCO-Stuff's sparse ids); raw ids missing from a non-empty map become ignore.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn import functional as F
+
+from gppf.data.images import BadSampleError, open_image, random_resized_crop_box, sample_rng, to_chw
+from gppf.data.stream import items_dataset
+from gppf.registry import register_task
+from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
+
+
+@dataclass
+class SegmentationConfig(TaskConfig):
+    num_classes: int = 0  # required
+    ignore_index: int = 255
+    train_images: str = "train/images"
+    train_labels: str = "train/labels"
+    val_images: str = "val/images"
+    val_labels: str = "val/labels"
+    label_map: dict[int, int] = field(default_factory=dict)
+    head_channels: int = 64
+
+
+class MIoUEvaluator(Evaluator):
+    """mIoU from a confusion matrix accumulated over all pixels not equal to ignore_index."""
+
+    primary = "mIoU"
+
+    def __init__(self, num_classes: int, ignore_index: int):
+        self.n = num_classes
+        self.ignore = ignore_index
+        self.conf = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+
+    def update(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        pred = outputs.argmax(1).flatten().cpu()
+        gt = batch["mask"].flatten().cpu()
+        keep = gt != self.ignore
+        idx = gt[keep].long() * self.n + pred[keep].long()
+        self.conf += torch.bincount(idx, minlength=self.n * self.n).reshape(self.n, self.n).double()
+
+    def state(self) -> torch.Tensor:
+        return self.conf.flatten().clone()
+
+    def load_state(self, state: torch.Tensor) -> None:
+        self.conf = state.to(torch.float64).reshape(self.n, self.n).clone()
+
+    def compute(self) -> dict[str, float]:
+        tp = self.conf.diag()
+        union = self.conf.sum(0) + self.conf.sum(1) - tp
+        present = union > 0
+        iou = tp[present] / union[present]
+        acc = tp.sum() / self.conf.sum().clamp(min=1)
+        return {"mIoU": 100.0 * (iou.mean().item() if present.any() else 0.0), "pixel_acc": 100.0 * acc.item()}
+
+
+class SimpleSegHead(nn.Module):
+    """Lateral 1x1 convs, upsample-and-sum to stride 4, conv-GN-ReLU, classifier (GroupNorm: no
+    cross-task BN in heads)."""
+
+    def __init__(self, features: list[FeatureInfo], num_classes: int, channels: int = 64):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(f.channels, channels, 1) for f in features)
+        self.fuse = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.GroupNorm(min(32, channels // 4) or 1, channels),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.stride = features[0].reduction
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        size = feats[0].shape[-2:]
+        x = sum(
+            F.interpolate(lat(f), size=size, mode="bilinear", align_corners=False)
+            for lat, f in zip(self.lateral, feats)
+        )
+        logits = self.classifier(self.fuse(x))
+        return F.interpolate(logits, scale_factor=self.stride, mode="bilinear", align_corners=False)
+
+
+@register_task("segmentation")
+class SegmentationTask(Task):
+    config_cls = SegmentationConfig
+    cfg: SegmentationConfig
+
+    def _dirs(self, split: str) -> tuple[Path, Path]:
+        root = Path(self.cfg.data_root)
+        if split == "train":
+            return root / self.cfg.train_images, root / self.cfg.train_labels
+        return root / self.cfg.val_images, root / self.cfg.val_labels
+
+    def _pairs(self, split: str) -> list[dict]:
+        img_dir, lbl_dir = self._dirs(split)
+        if not img_dir.is_dir():
+            return []
+        pairs = []
+        for f in sorted(img_dir.iterdir()):
+            if f.suffix in IMAGE_EXTS:
+                pairs.append({"image": str(f), "label": str(lbl_dir / f"{f.stem}.png")})
+        return pairs
+
+    def check_data(self) -> None:
+        if self.cfg.num_classes <= 0:
+            raise ValueError(f"tasks.{self.name}.num_classes must be set (> 0) for a segmentation task")
+        for split in ("train", "val"):
+            d = self._dirs(split)[0]
+            pairs = self._pairs(split)
+            if not d.is_dir():
+                raise FileNotFoundError(f"task {self.name!r}: {split} image directory {d} does not exist")
+            if not pairs:
+                raise FileNotFoundError(f"task {self.name!r}: {split} image directory {d} holds no images")
+            missing = [p["label"] for p in pairs if not Path(p["label"]).is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"task {self.name!r}: {len(missing)} {split} images have no label PNG, e.g. {missing[0]}"
+                )
+
+    def source(self, split: str) -> DataSource:
+        return DataSource(units=self._pairs(split), read=items_dataset)
+
+    def _load_label(self, path: str, size: tuple[int, int], image_path: str) -> np.ndarray:
+        lbl = open_image(path, self.name, f"label {path}", mode="")
+        if lbl.size != size:
+            raise BadSampleError(
+                f"task {self.name!r}: label {path} is {lbl.size[0]}x{lbl.size[1]} but its image "
+                f"{image_path} is {size[0]}x{size[1]}"
+            )
+        arr = np.asarray(lbl)
+        if arr.ndim != 2:
+            raise BadSampleError(f"task {self.name!r}: label {path} must be a single-channel PNG")
+        arr = arr.astype(np.int64)
+        if self.cfg.label_map:
+            lut = np.full(max(256, arr.max() + 1), self.cfg.ignore_index, dtype=np.int64)
+            for k, v in self.cfg.label_map.items():
+                lut[int(k)] = v
+            lut[self.cfg.ignore_index] = self.cfg.ignore_index
+            arr = lut[arr]
+        bad = (arr >= self.cfg.num_classes) & (arr != self.cfg.ignore_index)
+        if bad.any():
+            raise BadSampleError(
+                f"task {self.name!r}: label {path} has class id {int(arr[bad][0])} outside "
+                f"[0, {self.cfg.num_classes}) (ignore index {self.cfg.ignore_index})"
+            )
+        return arr.astype(np.uint8)
+
+    def preprocess(self, batch: dict[str, np.ndarray], train: bool, seed: int) -> dict[str, np.ndarray]:
+        size = self.cfg.input_size
+        n = len(batch["image"])
+        images = np.empty((n, 3, size, size), dtype=np.float32)
+        masks = np.empty((n, size, size), dtype=np.int64)
+        for i in range(n):
+            ipath, lpath = str(batch["image"][i]), str(batch["label"][i])
+            img = open_image(ipath, self.name, f"image {ipath}")
+            lbl = Image.fromarray(self._load_label(lpath, img.size, ipath))
+            if train:
+                rng = sample_rng(seed, ipath)
+                box = random_resized_crop_box(rng, *img.size, scale=(0.3, 1.0))
+                img = img.resize((size, size), Image.BILINEAR, box=box)
+                lbl = lbl.resize((size, size), Image.NEAREST, box=box)
+                if rng.random() < 0.5:
+                    img = img.transpose(Image.FLIP_LEFT_RIGHT)
+                    lbl = lbl.transpose(Image.FLIP_LEFT_RIGHT)
+            else:
+                img = img.resize((size, size), Image.BILINEAR)
+                lbl = lbl.resize((size, size), Image.NEAREST)
+            images[i] = to_chw(img)
+            masks[i] = np.asarray(lbl, dtype=np.int64)
+        return {"image": images, "mask": masks}
+
+    def build_head(self, features: list[FeatureInfo]) -> nn.Module:
+        return SimpleSegHead(features, self.cfg.num_classes, self.cfg.head_channels)
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Sum / valid pixels: a crop that is all void gives 0, not NaN (which would stop the run).
+        valid = (batch["mask"] != self.cfg.ignore_index).sum().clamp(min=1)
+        return F.cross_entropy(outputs, batch["mask"], ignore_index=self.cfg.ignore_index, reduction="sum") / valid
+
+    def evaluator(self) -> Evaluator:
+        return MIoUEvaluator(self.cfg.num_classes, self.cfg.ignore_index)
