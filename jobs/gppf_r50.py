@@ -20,11 +20,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "platform"), str(Path(__file__).resolve().parents[1])]
+sys.path[:0] = [
+    str(Path(__file__).resolve().parents[1] / "platform"),
+    str(Path(__file__).resolve().parents[1]),
+]
 
 from gppf.backbone import BackboneConfig  # noqa: E402
 from gppf.cli import main  # noqa: E402
-from gppf.data.stream import StreamConfig  # noqa: E402
 from gppf.job_config import JobConfig, OptimConfig, ScalingConfig, TrainConfig  # noqa: E402
 
 
@@ -34,26 +36,66 @@ def full_config(data_root: str) -> JobConfig:
     return JobConfig(
         name="gppf_r50",
         tasks={
-            "in21k": {"type": "classification", "data_root": str(root / "imagenet21k"), "sampling_weight": 4.0,
-                      "batch_size": 96, "input_size": 224, "label_smoothing": 0.1},
+            "in21k": {
+                "type": "classification",
+                "data_root": str(root / "imagenet21k"),
+                "sampling_weight": 4.0,
+                "batch_size": 96,
+                "input_size": 224,
+                "label_smoothing": 0.1,
+            },
             "coco": {**det, "data_root": str(root / "coco"), "sampling_weight": 2.5, "batch_size": 8},
             "lvis": {**det, "data_root": str(root / "lvis"), "sampling_weight": 2.5, "batch_size": 8},
-            "objects365": {**det, "data_root": str(root / "objects365"), "sampling_weight": 4.0, "batch_size": 12},
-            "openimages": {**det, "data_root": str(root / "openimages"), "sampling_weight": 4.0, "batch_size": 12},
-            "ade20k": {"type": "segmentation", "data_root": str(root / "ade20k"), "num_classes": 150,
-                       "sampling_weight": 1.0, "batch_size": 8, "input_size": 512,
-                       "train_images": "images/training", "train_labels": "annotations/training",
-                       "val_images": "images/validation", "val_labels": "annotations/validation",
-                       # ADE20K labels: 0 = "other" (ignored), 1..150 = classes
-                       "label_map": {i: i - 1 for i in range(1, 151)}},
-            "cocostuff": {"type": "segmentation", "data_root": str(root / "coco_stuff"), "num_classes": 171,
-                          "sampling_weight": 2.0, "batch_size": 8, "input_size": 512,
-                          "train_images": "images/train2017", "train_labels": "annotations/train2017",
-                          "val_images": "images/val2017", "val_labels": "annotations/val2017"},
-            "voc": {"type": "segmentation", "data_root": str(root / "voc2012_aug"), "num_classes": 21,
-                    "sampling_weight": 1.0, "batch_size": 8, "input_size": 512,
-                    "train_images": "train/images", "train_labels": "train/labels",
-                    "val_images": "val/images", "val_labels": "val/labels"},
+            "objects365": {
+                **det,
+                "data_root": str(root / "objects365"),
+                "sampling_weight": 4.0,
+                "batch_size": 12,
+            },
+            "openimages": {
+                **det,
+                "data_root": str(root / "openimages"),
+                "sampling_weight": 4.0,
+                "batch_size": 12,
+            },
+            "ade20k": {
+                "type": "segmentation",
+                "data_root": str(root / "ade20k"),
+                "num_classes": 150,
+                "sampling_weight": 1.0,
+                "batch_size": 8,
+                "input_size": 512,
+                "train_images": "images/training",
+                "train_labels": "annotations/training",
+                "val_images": "images/validation",
+                "val_labels": "annotations/validation",
+                # ADE20K labels: 0 = "other" (ignored), 1..150 = classes
+                "label_map": {i: i - 1 for i in range(1, 151)},
+            },
+            "cocostuff": {
+                "type": "segmentation",
+                "data_root": str(root / "coco_stuff"),
+                "num_classes": 171,
+                "sampling_weight": 2.0,
+                "batch_size": 8,
+                "input_size": 512,
+                "train_images": "images/train2017",
+                "train_labels": "annotations/train2017",
+                "val_images": "images/val2017",
+                "val_labels": "annotations/val2017",
+            },
+            "voc": {
+                "type": "segmentation",
+                "data_root": str(root / "voc2012_aug"),
+                "num_classes": 21,
+                "sampling_weight": 1.0,
+                "batch_size": 8,
+                "input_size": 512,
+                "train_images": "train/images",
+                "train_labels": "train/labels",
+                "val_images": "val/images",
+                "val_labels": "val/labels",
+            },
         },
         backbone=BackboneConfig(name="resnet50", grad_checkpointing=True),
         optim=OptimConfig(name="sgd", lr=0.16, momentum=0.9, weight_decay=5e-4, warmup_steps=50_000),
@@ -68,15 +110,25 @@ def demo_config(demo_root: str) -> JobConfig:
     return JobConfig(
         name="gppf_r50_demo",
         tasks={
-            "demo_cls": {"type": "classification", "data_root": str(root / "classification"),
-                         "sampling_weight": 1.0, "batch_size": 16, "input_size": 64},
-            "demo_seg": {"type": "segmentation", "data_root": str(root / "segmentation"), "num_classes": 4,
-                         "sampling_weight": 1.0, "batch_size": 8, "input_size": 64},
+            "demo_cls": {
+                "type": "classification",
+                "data_root": str(root / "classification"),
+                "sampling_weight": 1.0,
+                "batch_size": 16,
+                "input_size": 64,
+            },
+            "demo_seg": {
+                "type": "segmentation",
+                "data_root": str(root / "segmentation"),
+                "num_classes": 4,
+                "sampling_weight": 1.0,
+                "batch_size": 8,
+                "input_size": 64,
+            },
         },
         backbone=BackboneConfig(name="resnet18"),
         optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, warmup_steps=20),
         train=TrainConfig(steps=300, log_every=25, checkpoint_every=100),
-        data=StreamConfig(min_rows_per_pass=256),
         scaling=ScalingConfig(num_workers=2, use_gpu=False, cpus_per_worker=0.5),
     )
 

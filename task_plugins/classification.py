@@ -134,7 +134,7 @@ class ClassificationTask(Task):
             cols = [self.cfg.image_column, self.cfg.label_column]
             return DataSource(
                 units=files,
-                read=lambda units: ray.data.read_parquet(units, columns=cols),
+                read=lambda units: ray.data.read_parquet(units).select_columns(cols),
                 rows_per_unit=max(1, rows // max(1, len(files))),
             )
         items = _list_imagefolder(d)[0] if d.is_dir() else []

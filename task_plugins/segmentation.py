@@ -1,8 +1,9 @@
 """Semantic segmentation: image + PNG label pairs, a light FPN-style conv head, mIoU.
 
 Layout (relative to data_root, configurable): train/images/<stem>.{jpg,png} with
-train/labels/<stem>.png, and the same under val/. Label pixels are class ids, `ignore_index` (255) marks void. `label_map` remaps raw ids first
-(e.g. COCO-Stuff's sparse ids); raw ids missing from a non-empty map become ignore.
+train/labels/<stem>.png, and the same under val/. Label pixels are class ids, `ignore_index` (255)
+marks void. `label_map` remaps raw ids first (e.g. COCO-Stuff's sparse ids); raw ids missing from
+a non-empty map become ignore.
 """
 
 from __future__ import annotations
@@ -65,7 +66,10 @@ class MIoUEvaluator(Evaluator):
         present = union > 0
         iou = tp[present] / union[present]
         acc = tp.sum() / self.conf.sum().clamp(min=1)
-        return {"mIoU": 100.0 * (iou.mean().item() if present.any() else 0.0), "pixel_acc": 100.0 * acc.item()}
+        return {
+            "mIoU": 100.0 * (iou.mean().item() if present.any() else 0.0),
+            "pixel_acc": 100.0 * acc.item(),
+        }
 
 
 class SimpleSegHead(nn.Module):
@@ -188,7 +192,10 @@ class SegmentationTask(Task):
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # Sum / valid pixels: a crop that is all void gives 0, not NaN (which would stop the run).
         valid = (batch["mask"] != self.cfg.ignore_index).sum().clamp(min=1)
-        return F.cross_entropy(outputs, batch["mask"], ignore_index=self.cfg.ignore_index, reduction="sum") / valid
+        return (
+            F.cross_entropy(outputs, batch["mask"], ignore_index=self.cfg.ignore_index, reduction="sum")
+            / valid
+        )
 
     def evaluator(self) -> Evaluator:
         return MIoUEvaluator(self.cfg.num_classes, self.cfg.ignore_index)

@@ -6,7 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from gppf.cross_bn import CrossTaskBatchNorm2d
-from tests.distributed import run_distributed
+from gppf.local_dist import run_distributed
 
 C = 5
 # Different batch sizes, different spatial sizes, and one empty batch.

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from gppf.allreduce import MaskedAllReduce
-from tests.distributed import run_distributed
+from gppf.local_dist import run_distributed
 
 # rank -> task it runs this step. Head "a" is used by ranks 0 and 1, "b" by rank 2, "c" by nobody.
 TASKS = ["a", "a", "b"]
@@ -14,7 +14,9 @@ TASKS = ["a", "a", "b"]
 
 def _model() -> nn.ModuleDict:
     torch.manual_seed(0)
-    return nn.ModuleDict({"shared": nn.Linear(4, 3), "a": nn.Linear(3, 2), "b": nn.Linear(3, 2), "c": nn.Linear(3, 2)})
+    return nn.ModuleDict(
+        {"shared": nn.Linear(4, 3), "a": nn.Linear(3, 2), "b": nn.Linear(3, 2), "c": nn.Linear(3, 2)}
+    )
 
 
 def _batch(rank: int):

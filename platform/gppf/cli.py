@@ -14,7 +14,9 @@ from gppf.job_config import JobConfig
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument(
         "--data-root",
         default=None,
@@ -23,8 +25,14 @@ def parser(description: str) -> argparse.ArgumentParser:
     )
     ap.add_argument("--demo-root", default="demo_data", help="where the embedded demo writes its data")
     ap.add_argument("--tasks", default=None, help="comma-separated subset of the job's tasks to train")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config value, e.g. --set optim.lr=0.1 --set tasks.in21k.batch_size=64")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=0.1 --set tasks.in21k.batch_size=64",
+    )
     ap.add_argument("--resume", default=None, help="checkpoint directory to start from")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return ap
@@ -73,7 +81,9 @@ def main(
         return {}
     t0 = time.time()
     metrics = fit(cfg, resume_from=args.resume)
-    print(f"\n[gppf] {cfg.name}: {metrics.get('step')} steps in {time.time() - t0:.0f}s; "
-          f"run directory {Path(cfg.run_dir).absolute() / cfg.name}")
+    print(
+        f"\n[gppf] {cfg.name}: {metrics.get('step')} steps in {time.time() - t0:.0f}s; "
+        f"run directory {metrics.get('run_dir')}"
+    )
     print(results_table(metrics))
     return metrics

@@ -106,7 +106,9 @@ class CrossTaskBatchNorm2d(nn.BatchNorm2d):
             with torch.no_grad():
                 valid = count > 1
                 unbiased = var * (count / (count - 1).clamp(min=1.0))
-                rate = torch.where(valid, torch.tensor(self.momentum, dtype=self.running_mean.dtype, device=x.device), 0.0)
+                rate = torch.where(
+                    valid, torch.tensor(self.momentum, dtype=self.running_mean.dtype, device=x.device), 0.0
+                )
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), rate)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), rate)
                 self.num_batches_tracked.add_(valid.to(self.num_batches_tracked.dtype))

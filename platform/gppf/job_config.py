@@ -48,6 +48,9 @@ class ScalingConfig:
 class JobConfig:
     name: str = "gppf"
     run_dir: str = "runs"
+    run_name: str = (
+        ""  # "" = <name>-<date>-<time>; a run's checkpoints, logs and config live in run_dir/run_name
+    )
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,33 +47,40 @@ def fit(cfg: JobConfig, resume_from: str | None = None) -> dict[str, Any]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = resolve(cfg)
+    if not cfg.run_name:
+        cfg.run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.run_dir).expanduser().absolute()
-    (run_dir / cfg.name).mkdir(parents=True, exist_ok=True)
-    (run_dir / cfg.name / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    out = run_dir / cfg.run_name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    print(f"[gppf] run directory {out}", flush=True)
     ensure_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": to_dict(cfg)},
+        train_loop_config={"job": to_dict(cfg), "resume_from": resume_from},
         torch_config=TorchConfig(
             backend="nccl" if cfg.scaling.use_gpu else "gloo", timeout_s=cfg.train.collective_timeout_s
         ),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+            resources_per_worker={
+                "CPU": cfg.scaling.cpus_per_worker,
+                **({"GPU": 1} if cfg.scaling.use_gpu else {}),
+            },
         ),
         run_config=ray.train.RunConfig(
-            name=cfg.name,
+            name=cfg.run_name,
             storage_path=str(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        resume_from_checkpoint=ray.train.Checkpoint.from_directory(resume_from) if resume_from else None,
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
-    (run_dir / cfg.name / "results.json").write_text(json.dumps(metrics, indent=2, default=str))
+    metrics["run_dir"] = str(out)
+    (out / "results.json").write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
 
 

@@ -18,7 +18,9 @@ def sample_task(weights: Sequence[float], seed: int, step: int, rank: int, per_b
     """
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or len(w) == 0 or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"task sampling weights must be non-negative with a positive sum, got {list(weights)}")
+        raise ValueError(
+            f"task sampling weights must be non-negative with a positive sum, got {list(weights)}"
+        )
     rng = np.random.default_rng([seed, step, 0 if per_batch else rank + 1])
     return int(rng.choice(len(w), p=w / w.sum()))
 

@@ -9,6 +9,7 @@ parameters somebody used.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import time
@@ -70,6 +71,7 @@ class SIMTWorker:
         self.scaler = torch.amp.GradScaler("cuda") if amp_on and self.amp_dtype == torch.float16 else None
         self.streams: dict[str, TaskStream] = {}
         self.step = 0
+        self.start_step = 0
 
     def _broadcast_parameters(self) -> None:
         if self.world > 1:
@@ -78,11 +80,15 @@ class SIMTWorker:
 
     def stream(self, task: Task) -> TaskStream:
         if task.name not in self.streams:
-            self.streams[task.name] = TaskStream(task, self.cfg.train.seed, self.rank, self.world, self.cfg.data)
+            self.streams[task.name] = TaskStream(
+                task, self.cfg.train.seed, self.rank, self.world, self.cfg.data
+            )
         return self.streams[task.name]
 
     def task_at(self, step: int) -> int:
-        return sample_task(self.weights, self.cfg.train.seed, step, self.rank, self.cfg.train.per_batch_sampling)
+        return sample_task(
+            self.weights, self.cfg.train.seed, step, self.rank, self.cfg.train.per_batch_sampling
+        )
 
     # ------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
@@ -98,7 +104,9 @@ class SIMTWorker:
             loss = task.loss(out, batch) * task.cfg.loss_weight
         (self.scaler.scale(loss + tie) if self.scaler else loss + tie).backward()
 
-        n = len(self.tasks)  # per-step stats ride along with the gradients: [nan | loss | steps | samples | wait]
+        n = len(
+            self.tasks
+        )  # per-step stats ride along with the gradients: [nan | loss | steps | samples | wait]
         stats = torch.zeros(4 * n + 1, device=self.device)
         finite = bool(torch.isfinite(loss.detach()))
         stats[ti] = 0.0 if finite else 1.0
@@ -207,7 +215,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
 
     w = SIMTWorker(cfg, device)
-    ckpt = ray.train.get_checkpoint()
+    ckpt = ray.train.get_checkpoint()  # set when Ray Train restarts the worker group
+    if ckpt is None and config.get("resume_from"):
+        ckpt = ray.train.Checkpoint.from_directory(config["resume_from"])
     initial_eval: dict[str, Any] = {}
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -219,6 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     elif cfg.train.eval_at_start:
         initial_eval = w.evaluate(cfg.train.eval_max_batches)
 
+    w.start_step = w.step
     logger = _Logger(cfg, w) if w.rank == 0 else None
     n = len(w.tasks)
     window = torch.zeros(4 * n + 1)
@@ -250,7 +261,12 @@ def _window_metrics(w: SIMTWorker, window: torch.Tensor, seconds: float) -> dict
     n = len(w.tasks)
     steps = window[2 * n : 3 * n]
     total_steps = max(steps.sum().item() / max(w.world, 1), 1.0)
-    m: dict[str, Any] = {"step": w.step, "lr": w.scheduler.get_last_lr()[0], "world_size": w.world}
+    m: dict[str, Any] = {
+        "step": w.step,
+        "start_step": w.start_step,
+        "lr": w.scheduler.get_last_lr()[0],
+        "world_size": w.world,
+    }
     for i, t in enumerate(w.tasks):
         if steps[i] > 0:
             m[f"loss/{t.name}"] = (window[n + i] / steps[i]).item()
@@ -283,12 +299,15 @@ class _Logger:
     def __init__(self, cfg: JobConfig, w: SIMTWorker):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.dir = Path(cfg.run_dir).expanduser().absolute() / cfg.name / "tensorboard"
+        self.dir = Path(cfg.run_dir).expanduser().absolute() / cfg.run_name / "tensorboard"
         self.writer = SummaryWriter(str(self.dir))
+        self.jsonl = open(self.dir.parent / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
         self.total = cfg.train.steps
         self.t0 = time.time()
 
     def log(self, step: int, m: dict[str, Any]) -> None:
+        self.jsonl.write(json.dumps(m) + "\n")
+        self.jsonl.flush()
         for k, v in m.items():
             if isinstance(v, (int, float)) and k != "step":
                 self.writer.add_scalar(k, v, step)
@@ -307,3 +326,4 @@ class _Logger:
 
     def close(self) -> None:
         self.writer.close()
+        self.jsonl.close()

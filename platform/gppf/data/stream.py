@@ -16,9 +16,12 @@ share follows the world size. The position (pass, batches taken) is the whole st
 from __future__ import annotations
 
 import math
+import queue
+import threading
 import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +33,9 @@ from gppf.task import Task
 
 @dataclass
 class StreamConfig:
-    prefetch_batches: int = 2
-    min_rows_per_pass: int = 512  # small datasets repeat epochs inside one pass to amortise start-up
+    prefetch_batches: int = 4  # batches kept ready per task and worker
+    min_rows_per_pass: int = 1024  # small datasets repeat epochs inside one pass
+    chunk_rows: int = 512  # rows decoded (materialised in the object store) ahead of the trainer
     cpus_per_task: float = 0.25  # Ray CPUs per decode/augment task (fractional: decode is light)
     preserve_order: bool = True  # deterministic order: the position then identifies the next batch
 
@@ -65,7 +69,12 @@ def build_dataset(task: Task, read, units: list[Any], train: bool, seed: int, cf
 
 
 class TaskStream:
-    """Unbounded batches of one task for one worker. `next()` returns (batch, seconds waited)."""
+    """Unbounded batches of one task for one worker. `next()` returns (batch, seconds waited).
+
+    A daemon thread pulls from Ray Data and keeps up to `prefetch_batches` ready in a queue. (Ray
+    Data's own `prefetch_batches` spins a core while the consumer is busy with other tasks, which on
+    a small machine halves training speed; a blocking queue costs nothing while it waits.)
+    """
 
     def __init__(self, task: Task, seed: int, rank: int, world: int, cfg: StreamConfig | None = None):
         self.task = task
@@ -80,8 +89,9 @@ class TaskStream:
         self.read = src.read
         self.rows_per_unit = src.rows_per_unit
         self.pass_idx = 0
-        self.taken = 0  # batches taken from the current pass
-        self._it: Iterator | None = None
+        self.taken = 0  # batches the trainer has taken from the current pass
+        self._queue: queue.Queue | None = None
+        self._stop: threading.Event | None = None
 
     # -- the plan of a pass: a pure function of (seed, task, pass, rank, world) --------------
     def _share(self, epoch: int) -> list[Any]:
@@ -103,44 +113,98 @@ class TaskStream:
             out.extend(self._share(e))
         return out
 
-    def _start_pass(self) -> None:
-        seed = int(np.random.default_rng([self.seed, task_key(self.task.name), self.pass_idx, self.rank]).integers(2**31))
-        ds = build_dataset(self.task, self.read, self.pass_units(self.pass_idx), True, seed, self.cfg)
-        self._it = iter(
-            ds.iter_torch_batches(
-                batch_size=self.task.cfg.batch_size, drop_last=True, prefetch_batches=self.cfg.prefetch_batches
-            )
-        )
+    def pass_seed(self, pass_idx: int) -> int:
+        rng = np.random.default_rng([self.seed, task_key(self.task.name), pass_idx, self.rank])
+        return int(rng.integers(2**31))
+
+    # -- producer thread ---------------------------------------------------------------------
+    def _produce(self, pass_idx: int, skip: int, q: queue.Queue, stop: threading.Event) -> None:
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        seen = 0
+
+        def materialize(pass_idx: int, chunk: list[Any]):
+            ds = build_dataset(self.task, self.read, chunk, True, self.pass_seed(pass_idx), self.cfg)
+            return ds.materialize()
+
+        # Chunks of a pass are materialised one ahead of the one being consumed: Ray Data's
+        # executor then only runs while there is decoding to do. (A long-lived streaming
+        # execution whose consumer is busy elsewhere keeps its scheduling thread spinning.)
+        pool = ThreadPoolExecutor(1, thread_name_prefix=f"gppf-chunk-{self.task.name}")
+        try:
+            plan = self._chunks(pass_idx)
+            ahead = pool.submit(materialize, *plan[0])
+            while not stop.is_set():
+                for i in range(len(plan)):
+                    current = ahead.result()
+                    if i + 1 < len(plan):
+                        ahead = pool.submit(materialize, *plan[i + 1])
+                    else:  # the next pass's first chunk
+                        plan_next = self._chunks(pass_idx + 1)
+                        ahead = pool.submit(materialize, *plan_next[0])
+                    for batch in current.iter_torch_batches(
+                        batch_size=self.task.cfg.batch_size, drop_last=True, prefetch_batches=0
+                    ):
+                        seen += 1
+                        if seen > skip and not put((batch, pass_idx, seen)):
+                            return
+                if seen == 0:
+                    raise RuntimeError(
+                        f"task {self.task.name!r}: rank {self.rank}'s share yields no full batch of "
+                        f"{self.task.cfg.batch_size}; lower tasks.{self.task.name}.batch_size or add data"
+                    )
+                pass_idx, skip, seen, plan = pass_idx + 1, 0, 0, plan_next
+        except BaseException as e:  # hand it to the trainer, which raises it with the task's name
+            put(e)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _chunks(self, pass_idx: int) -> list[tuple[int, list[Any]]]:
+        units = self.pass_units(pass_idx)
+        per = max(1, math.ceil(self.cfg.chunk_rows / self.rows_per_unit))
+        return [(pass_idx, units[i : i + per]) for i in range(0, len(units), per)]
+
+    def _start(self) -> None:
+        self._queue = queue.Queue(maxsize=max(1, self.cfg.prefetch_batches))
+        self._stop = threading.Event()
+        threading.Thread(
+            target=self._produce,
+            args=(self.pass_idx, self.taken, self._queue, self._stop),
+            name=f"gppf-stream-{self.task.name}",
+            daemon=True,
+        ).start()
 
     def next(self) -> tuple[dict[str, torch.Tensor], float]:
         t0 = time.perf_counter()
-        for _ in range(3):
-            if self._it is None:
-                self._start_pass()
-                skip, self.taken = self.taken, 0
-                for _ in range(skip):  # resuming mid-pass: drop what the checkpointed run consumed
-                    next(self._it)
-                    self.taken += 1
-            try:
-                batch = next(self._it)
-                self.taken += 1
-                return batch, time.perf_counter() - t0
-            except StopIteration:
-                self.pass_idx += 1
-                self.taken = 0
-                self._it = None
-        raise RuntimeError(
-            f"task {self.task.name!r}: rank {self.rank}'s share yields no full batch of "
-            f"{self.task.cfg.batch_size}; lower tasks.{self.task.name}.batch_size or add data"
-        )
+        if self._queue is None:
+            self._start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        batch, self.pass_idx, self.taken = item
+        return batch, time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        self._queue = None
+        self._stop = None
 
     def state(self) -> dict[str, int]:
         return {"pass_idx": self.pass_idx, "taken": self.taken}
 
     def load_state(self, state: dict[str, int]) -> None:
+        self.close()
         self.pass_idx = int(state["pass_idx"])
         self.taken = int(state["taken"])
-        self._it = None
 
 
 def eval_batches(task: Task, rank: int, world: int, cfg: StreamConfig | None = None) -> Iterator[dict]:

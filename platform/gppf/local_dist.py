@@ -1,4 +1,6 @@
-"""Run a function in N gloo processes on this machine and collect what each returns."""
+"""Run a function in N local gloo processes and collect what each returns.
+
+Used by the collective tests and the benchmarks; handy for testing a plugin's collectives too."""
 
 from __future__ import annotations
 

@@ -1,0 +1,223 @@
+"""P1–P3 benchmarks of the SIMT spine. Ratios are measured inside one run (these machines are noisy).
+
+    python benchmarks/simt_bench.py p1 [--backbone resnet18 --batch 16 --size 64 --steps 30]
+    python benchmarks/simt_bench.py p2 [--backbone resnet50 --repeats 20]
+    python benchmarks/simt_bench.py p3 runs/<demo run directory>
+
+P1: the platform's SIMT step (SIMTWorker.train_step: task sampling, cross-task BN, masked allreduce,
+    optimizer) against a hand-written torch.distributed loop doing the same single-task work:
+    the same model and batch on 2 gloo workers, (a) DDP with local BN -- what one would write by
+    hand -- and (b) the same loop with the platform's cross-task BN, so (b) isolates the trainer.
+    Both read a fixed in-memory batch, so data loading (P3) is not part of it.
+P2: MaskedAllReduce.reduce() against DDP-style bucketed allreduce of the same gradients (25 MB
+    buckets: flatten, all_reduce, divide, copy back), 2 gloo workers, and against the
+    communication share of a real DDP step (step time with sync minus with no_sync()).
+P3: the fraction of step time the demo run's workers waited for data, from its metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+
+def _median_time(fn, steps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class _FixedStream:
+    """Stands in for a TaskStream: the same in-memory batch every step, no waiting."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def next(self):
+        return self.batch, 0.0
+
+
+def _p1_rank(rank: int, world: int, backbone: str, batch: int, size: int, steps: int) -> dict:
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from gppf.backbone import Backbone, BackboneConfig
+    from gppf.job_config import JobConfig, OptimConfig, TrainConfig
+    from gppf.model import MultiTaskModel
+    from gppf.train_loop import SIMTWorker, build_tasks
+
+    cfg = JobConfig(
+        tasks={
+            "cls": {"type": "classification", "data_root": "/unused", "num_classes": 10, "batch_size": batch}
+        },
+        backbone=BackboneConfig(name=backbone),
+        optim=OptimConfig(lr=0.01, warmup_steps=0),
+        train=TrainConfig(steps=10_000),
+    )
+    tasks = build_tasks(cfg)
+    g = torch.Generator().manual_seed(rank)
+    data = {
+        "image": torch.randn(batch, 3, size, size, generator=g),
+        "label": torch.randint(0, 10, (batch,), generator=g),
+    }
+    w = SIMTWorker(cfg, torch.device("cpu"), tasks)
+    w.streams["cls"] = _FixedStream(data)
+    platform = _median_time(w.train_step, steps)
+
+    def hand_loop(cross_bn: bool):
+        torch.manual_seed(0)
+        model = MultiTaskModel(Backbone(backbone, cross_task_bn=cross_bn), tasks)
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        loss_fn = nn.CrossEntropyLoss()
+
+        def step():
+            out, tie = ddp(data["image"], "cls")
+            (loss_fn(out, data["label"]) + tie).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return _median_time(step, steps)
+
+    ddp_local_bn = hand_loop(False)
+    ddp_cross_bn = hand_loop(True)
+    dist.barrier()
+    return {"platform": platform, "ddp_local_bn": ddp_local_bn, "ddp_cross_bn": ddp_cross_bn}
+
+
+def _p2_rank(rank: int, world: int, backbone: str, repeats: int) -> dict:
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from gppf.allreduce import MaskedAllReduce, make_buckets
+    from gppf.backbone import Backbone
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Backbone(backbone, cross_task_bn=False))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [torch.randn_like(p) for p in params]
+
+    def set_grads():
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+
+    reducer = MaskedAllReduce(params)
+
+    def masked():
+        set_grads()
+        reducer.reduce(torch.zeros(9))
+
+    buckets = make_buckets(params)
+
+    def ddp_style():
+        set_grads()
+        for b in buckets:
+            flat = torch.cat([p.grad.reshape(-1) for p in b.params])
+            dist.all_reduce(flat)
+            flat.div_(world)
+            off = 0
+            for p in b.params:
+                p.grad.copy_(flat[off : off + p.numel()].view_as(p))
+                off += p.numel()
+
+    t_masked = _median_time(masked, repeats)
+    t_ddp_style = _median_time(ddp_style, repeats)
+
+    # The communication share of a real DDP step: with sync minus no_sync().
+    ddp = nn.parallel.DistributedDataParallel(model)
+    x = torch.randn(2, 3, 64, 64)
+
+    def ddp_step(sync: bool):
+        def run():
+            ctx = ddp.no_sync() if not sync else _null()
+            with ctx:
+                sum(f.mean() for f in ddp(x)).backward()
+            model.zero_grad(set_to_none=True)
+
+        return run
+
+    t_sync = _median_time(ddp_step(True), repeats)
+    t_nosync = _median_time(ddp_step(False), repeats)
+    dist.barrier()
+    return {
+        "masked": t_masked,
+        "ddp_style": t_ddp_style,
+        "ddp_comm": t_sync - t_nosync,
+        "numel": sum(p.numel() for p in params),
+    }
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def p1(args) -> None:
+    from gppf.local_dist import run_distributed
+
+    res = run_distributed(_p1_rank, 2, args.backbone, args.batch, args.size, args.steps, timeout=1800)
+    r = {k: max(x[k] for x in res) for k in res[0]}
+    print(f"P1 ({args.backbone}, batch {args.batch}, {args.size}px, 2 gloo workers, median of {args.steps})")
+    print(f"  platform SIMT step            {r['platform'] * 1000:8.1f} ms")
+    for key, label in (("ddp_local_bn", "local BN"), ("ddp_cross_bn", "cross BN")):
+        ratio = r["platform"] / r[key]
+        print(f"  hand-written DDP, {label}    {r[key] * 1000:8.1f} ms  ratio {ratio:.3f}")
+
+
+def p2(args) -> None:
+    from gppf.local_dist import run_distributed
+
+    res = run_distributed(_p2_rank, 2, args.backbone, args.repeats, timeout=1800)
+    r = {k: max(x[k] for x in res) for k in res[0]}
+    print(f"P2 ({args.backbone}, {r['numel'] / 1e6:.1f} M params, 2 gloo workers, median of {args.repeats})")
+    print(f"  masked allreduce              {r['masked'] * 1000:8.1f} ms")
+    for key, label in (
+        ("ddp_style", "DDP-style bucketed allreduce"),
+        ("ddp_comm", "DDP step, sync - no_sync  "),
+    ):
+        ratio = r["masked"] / max(r[key], 1e-9)
+        print(f"  {label}  {r[key] * 1000:8.1f} ms  ratio {ratio:.3f}")
+
+
+def p3(args) -> None:
+    lines = [json.loads(line) for line in Path(args.run, "metrics.jsonl").read_text().splitlines()]
+    fr = [m["data_wait_fraction"] for m in lines]
+    steady = fr[1:] if len(fr) > 1 else fr
+    print(f"P3 ({args.run}, {len(fr)} windows of {lines[0]['step']} steps)")
+    print(f"  data wait, whole run          {100 * statistics.mean(fr):6.2f} % of step time")
+    print(f"  data wait, after window 1     {100 * statistics.mean(steady):6.2f} %")
+    print(f"  worst window                  {100 * max(fr):6.2f} %")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("p1")
+    a.add_argument("--backbone", default="resnet18")
+    a.add_argument("--batch", type=int, default=16)
+    a.add_argument("--size", type=int, default=64)
+    a.add_argument("--steps", type=int, default=30)
+    b = sub.add_parser("p2")
+    b.add_argument("--backbone", default="resnet50")
+    b.add_argument("--repeats", type=int, default=20)
+    c = sub.add_parser("p3")
+    c.add_argument("run")
+    args = ap.parse_args()
+    {"p1": p1, "p2": p2, "p3": p3}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

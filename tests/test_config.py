@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import pytest
+
+import task_plugins  # noqa: F401
+from gppf.config import ConfigError, apply_overrides, from_dict
+from gppf.job_config import JobConfig
+from gppf.registry import TaskRegistryError, build_task, get_task_class, register_task
+from gppf.task import Task
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"config\.optim\.learning_rate"):
+        JobConfig.from_dict({"optim": {"learning_rate": 0.1}})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"config\.train\.steps"):
+        JobConfig.from_dict({"train": {"steps": "many"}})
+
+
+def test_overrides_are_typed_and_validated():
+    cfg = JobConfig(tasks={"a": {"type": "classification", "batch_size": 4}})
+    cfg = apply_overrides(
+        cfg, ["optim.lr=0.5", "train.steps=7", "tasks.a.batch_size=9", "backbone.name=resnet18"]
+    )
+    assert cfg.optim.lr == 0.5 and cfg.train.steps == 7 and cfg.backbone.name == "resnet18"
+    assert cfg.tasks["a"]["batch_size"] == 9
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        apply_overrides(cfg, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_overrides(cfg, ["optim.lr"])
+
+
+def test_task_config_unknown_key_names_task():
+    with pytest.raises(ConfigError, match=r"tasks\.mytask\.bach_size"):
+        build_task("mytask", {"type": "classification", "bach_size": 3})
+
+
+def test_unknown_and_planned_task_types():
+    with pytest.raises(TaskRegistryError, match="unknown task type 'nope'.*classification"):
+        get_task_class("nope")
+    with pytest.raises(TaskRegistryError, match="tasks.coco: task type 'detection'.*not implemented"):
+        build_task("coco", {"type": "detection"})
+
+
+def test_duplicate_registration_is_an_error():
+    class Other(Task):
+        pass
+
+    with pytest.raises(TaskRegistryError, match="already registered"):
+        register_task("classification")(Other)
+
+
+def test_entry_points_expose_bundled_plugins():
+    from importlib import metadata
+
+    names = {ep.name for ep in metadata.entry_points(group="gppf.tasks")}
+    assert {"classification", "segmentation"} <= names
+
+
+def test_from_dict_nested():
+    from gppf.job_config import OptimConfig
+
+    assert from_dict(OptimConfig, {"lr": 1}).lr == 1.0
