@@ -45,5 +45,5 @@ def test_walkthrough_runs(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout
-    assert re.search(r"\| colour\s+\| neg_mae", table), table[-2000:]
+    assert re.search(r"\n colour\s+\| neg_mae", table), table[-2000:]
     assert "demo_cls" in table and "demo_seg" in table

@@ -14,6 +14,9 @@ def test_uneven_per_worker_task_rates_do_not_deadlock(demo_root, ray_session):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     def loop(config):
+        import tempfile
+        from pathlib import Path
+
         import numpy as np
         import torch
         import torch.distributed as dist
@@ -35,7 +38,14 @@ def test_uneven_per_worker_task_rates_do_not_deadlock(demo_root, ray_session):
             counts[t] += 1
             x = torch.tensor([float(batch["image"].shape[0])])
             dist.all_reduce(x)  # lockstep, as a training step is
-        ray.train.report({"counts": counts, "rank": rank})
+        table = torch.zeros(2, 2)
+        table[rank] = torch.tensor(counts, dtype=torch.float32)
+        dist.all_reduce(table)
+        # Result.metrics keeps only reports that carry a checkpoint: rank 0 attaches a tiny one.
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "done").write_text("ok")
+            ckpt = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+            ray.train.report({"counts": table.int().tolist()}, checkpoint=ckpt)
 
     entries = task_entries(demo_root)
     trainer = TorchTrainer(
@@ -49,7 +59,6 @@ def test_uneven_per_worker_task_rates_do_not_deadlock(demo_root, ray_session):
         run_config=ray.train.RunConfig(storage_path=str(demo_root.parent / "simt_runs"), name="deadlock"),
     )
     result = trainer.fit()
-    counts = result.metrics["counts"]
-    assert sum(counts) == 300
-    own = counts[result.metrics["rank"]]
-    assert own > 240  # rank read its own task ~90% of the time
+    counts = result.metrics["counts"]  # counts[rank][task]
+    assert [sum(row) for row in counts] == [300, 300]
+    assert counts[0][0] > 240 and counts[1][1] > 240  # each rank read its own task ~90% of the time

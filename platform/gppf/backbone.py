@@ -33,17 +33,18 @@ def _recompute_context():
     return contextlib.nullcontext(), recomputing()
 
 
-class _Checkpointed(nn.Module):
-    """Recomputes `inner` in backward; BN running stats are updated only in the first forward."""
+def _checkpoint_forward(module: nn.Module) -> None:
+    """Recompute `module` in backward. Patches `forward` instead of wrapping the module, so
+    state_dict keys are the same with and without checkpointing; BN running stats are updated
+    only in the first forward (see cross_bn.recomputing)."""
+    inner = module.forward
 
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not (module.training and torch.is_grad_enabled()):
+            return inner(x)
+        return checkpoint(inner, x, use_reentrant=False, context_fn=_recompute_context)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and torch.is_grad_enabled()):
-            return self.inner(x)
-        return checkpoint(self.inner, x, use_reentrant=False, context_fn=_recompute_context)
+    module.forward = forward
 
 
 class Backbone(nn.Module):
@@ -69,10 +70,10 @@ class Backbone(nn.Module):
             for c, r in zip(self.body.feature_info.channels(), self.body.feature_info.reduction())
         ]
         if grad_checkpointing:
-            # Wrap the stages (layer1..layer4 for ResNets); the stem is cheap to keep.
-            for child_name, child in list(self.body.named_children()):
-                if sum(p.numel() for p in child.parameters()) > 0 and len(list(child.children())) > 1:
-                    setattr(self.body, child_name, _Checkpointed(child))
+            # Checkpoint every container child (the stages, a deep stem); single layers are cheap.
+            for child in self.body.children():
+                if any(True for _ in child.parameters()) and any(True for _ in child.children()):
+                    _checkpoint_forward(child)
 
     @classmethod
     def from_config(cls, cfg: BackboneConfig) -> Backbone:

@@ -10,6 +10,7 @@ and its class is found the first time a job names `my_task`.
 
 from __future__ import annotations
 
+import importlib
 from importlib import metadata
 from typing import Any
 
@@ -79,11 +80,24 @@ def get_task_class(name: str) -> type[Task]:
 
 
 def build_task(name: str, entry: dict[str, Any]) -> Task:
-    """Build task instance `name` from a job's `tasks.<name>` entry ({"type": ..., **config})."""
+    """Build task instance `name` from a job's `tasks.<name>` entry ({"type": ..., **config}).
+
+    `plugin_module` (written by the driver when it resolves a config) is imported first, so a
+    plugin registered by a module the job script imported is found on every worker too.
+    """
     entry = dict(entry)
     if "type" not in entry:
         raise ConfigError(f"tasks.{name}: missing key 'type' (one of {', '.join(available())})")
     task_type = entry.pop("type")
+    module = entry.pop("plugin_module", None)
+    if module and task_type not in _REGISTRY:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise TaskRegistryError(
+                f"tasks.{name}: cannot import plugin module {module!r} for task type {task_type!r} "
+                f"({e}); install it on every node or keep it next to the job script"
+            ) from None
     try:
         cls = get_task_class(task_type)
     except TaskRegistryError as e:

@@ -21,13 +21,19 @@ def resolve(cfg: JobConfig) -> JobConfig:
     for task in build_tasks(cfg):
         if not task.cfg.data_root:
             raise ValueError(f"tasks.{task.name}.data_root is not set")
-        root = Path(task.cfg.data_root)
+        # Absolute: Ray Train workers run in their own working directory.
+        root = Path(task.cfg.data_root).expanduser().absolute()
+        task.cfg.data_root = str(root)
         if not root.is_dir():
             raise FileNotFoundError(f"task {task.name!r}: data root {root} does not exist")
         if not any(root.iterdir()):
             raise FileNotFoundError(f"task {task.name!r}: data root {root} is empty")
         task.check_data()
-        cfg.tasks[task.name] = {"type": cfg.tasks[task.name]["type"], **to_dict(task.cfg)}
+        cfg.tasks[task.name] = {
+            "type": cfg.tasks[task.name]["type"],
+            "plugin_module": type(task).__module__,
+            **to_dict(task.cfg),
+        }
     return cfg
 
 
