@@ -75,14 +75,24 @@ class ClassificationHead(nn.Module):
         return self.fc(feats[-1].mean((2, 3)))
 
 
-def _list_imagefolder(root: Path) -> tuple[list[dict], list[str]]:
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+def _class_names(root: Path) -> list[str]:
+    return sorted(d.name for d in root.iterdir() if d.is_dir())
+
+
+def _list_imagefolder(root: Path, classes: list[str], task: str) -> list[dict]:
+    """Items of one split; class ids come from the *train* split's folders, so a split missing a
+    class (or with an extra one) cannot shift the labels."""
+    index = {c: i for i, c in enumerate(classes)}
     items = []
-    for idx, c in enumerate(classes):
+    for c in _class_names(root):
+        if c not in index:
+            raise FileNotFoundError(
+                f"task {task!r}: class folder {root / c} has no counterpart in the train split"
+            )
         for f in sorted((root / c).iterdir()):
             if f.suffix in IMAGE_EXTS:
-                items.append({"path": str(f), "label": idx})
-    return items, classes
+                items.append({"path": str(f), "label": index[c]})
+    return items
 
 
 @register_task("classification")
@@ -113,7 +123,7 @@ class ClassificationTask(Task):
 
     def _infer_num_classes(self) -> int:
         if self._format() == "imagefolder":
-            return len(_list_imagefolder(self._split_dir("train"))[1])
+            return len(_class_names(self._split_dir("train")))
         import pyarrow.parquet as pq
 
         top = 0
@@ -137,7 +147,9 @@ class ClassificationTask(Task):
                 read=lambda units: ray.data.read_parquet(units).select_columns(cols),
                 rows_per_unit=max(1, rows // max(1, len(files))),
             )
-        items = _list_imagefolder(d)[0] if d.is_dir() else []
+        train = self._split_dir("train")
+        classes = _class_names(train) if train.is_dir() else []
+        items = _list_imagefolder(d, classes, self.name) if d.is_dir() else []
         return DataSource(units=items, read=items_dataset)
 
     def preprocess(self, batch: dict[str, np.ndarray], train: bool, seed: int) -> dict[str, np.ndarray]:

@@ -37,6 +37,13 @@ class SegmentationConfig(TaskConfig):
     head_channels: int = 64
 
 
+def match_size(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits at the mask's resolution (an input size that is not a multiple of the stride)."""
+    if logits.shape[-2:] == mask.shape[-2:]:
+        return logits
+    return F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+
+
 class MIoUEvaluator(Evaluator):
     """mIoU from a confusion matrix accumulated over all pixels not equal to ignore_index."""
 
@@ -48,7 +55,7 @@ class MIoUEvaluator(Evaluator):
         self.conf = torch.zeros(num_classes, num_classes, dtype=torch.float64)
 
     def update(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        pred = outputs.argmax(1).flatten().cpu()
+        pred = match_size(outputs, batch["mask"]).argmax(1).flatten().cpu()
         gt = batch["mask"].flatten().cpu()
         keep = gt != self.ignore
         idx = gt[keep].long() * self.n + pred[keep].long()
@@ -160,7 +167,7 @@ class SegmentationTask(Task):
                 f"task {self.name!r}: label {path} has class id {int(arr[bad][0])} outside "
                 f"[0, {self.cfg.num_classes}) (ignore index {self.cfg.ignore_index})"
             )
-        return arr.astype(np.uint8)
+        return arr.astype(np.int32)  # int32 PIL images ("I") resize with NEAREST; uint8 would wrap ids > 255
 
     def preprocess(self, batch: dict[str, np.ndarray], train: bool, seed: int) -> dict[str, np.ndarray]:
         size = self.cfg.input_size
@@ -190,6 +197,7 @@ class SegmentationTask(Task):
         return SimpleSegHead(features, self.cfg.num_classes, self.cfg.head_channels)
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        outputs = match_size(outputs, batch["mask"])
         # Sum / valid pixels: a crop that is all void gives 0, not NaN (which would stop the run).
         valid = (batch["mask"] != self.cfg.ignore_index).sum().clamp(min=1)
         return (

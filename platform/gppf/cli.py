@@ -23,7 +23,9 @@ def parser(description: str) -> argparse.ArgumentParser:
         help="directory holding the real datasets; without it the job runs the embedded demo "
         "(local Ray, generated data, shrunken schedule)",
     )
-    ap.add_argument("--demo-root", default="demo_data", help="where the embedded demo writes its data")
+    ap.add_argument(
+        "--demo-root", default="~/.cache/gppf/demo_data", help="where the embedded demo writes its data"
+    )
     ap.add_argument("--tasks", default=None, help="comma-separated subset of the job's tasks to train")
     ap.add_argument(
         "--set",
@@ -70,7 +72,7 @@ def main(
         else:
             from gppf.demo_data import generate
 
-            cfg = demo_config(str(generate(Path(args.demo_root).absolute())))
+            cfg = demo_config(str(generate(Path(args.demo_root).expanduser().absolute())))
         cfg = select_tasks(cfg, args.tasks)
         cfg = apply_overrides(cfg, args.overrides)
     except (ConfigError, FileNotFoundError) as e:

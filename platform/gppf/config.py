@@ -60,6 +60,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return out if origin is list else tuple(out)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # `--set run_name=2024` parses as an int
     if tp is int and isinstance(value, bool):
         raise ConfigError(f"{where}: expected int, got {value!r}")
     if isinstance(tp, type) and not isinstance(value, tp):
@@ -118,7 +120,10 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
             if not isinstance(node, dict) or part not in node:
                 raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])} in override {item!r}")
             node = node[part]
-        if not isinstance(node, dict) or parts[-1] not in node:
+        # Task entries are free-form here (the plugin's config class validates them when the task
+        # is built), so `--set tasks.in21k.crop_scale_min=0.08` may add a key the job left default.
+        free_form = len(parts) == 3 and parts[0] == "tasks"
+        if not isinstance(node, dict) or (parts[-1] not in node and not free_form):
             raise ConfigError(f"unknown key {key} in override {item!r}")
         node[parts[-1]] = parse_value(raw)
     return rebuild(type(cfg), data)

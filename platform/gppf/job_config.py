@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gppf.backbone import BackboneConfig
-from gppf.config import from_dict
+from gppf.config import ConfigError, from_dict
 from gppf.data.stream import StreamConfig
 
 
@@ -35,6 +35,14 @@ class TrainConfig:
     torch_threads: int = 0  # 0 = cores / workers on this node
     collective_timeout_s: int = 1800  # a hung collective becomes an error after this long
 
+    def __post_init__(self):
+        if self.log_every < 1:
+            raise ConfigError(f"config.train.log_every must be >= 1, got {self.log_every}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(
+                f"config.train.checkpoint_every must be >= 0 (0: at the end), got {self.checkpoint_every}"
+            )
+
 
 @dataclass
 class ScalingConfig:
@@ -47,7 +55,7 @@ class ScalingConfig:
 @dataclass
 class JobConfig:
     name: str = "gppf"
-    run_dir: str = "runs"
+    run_dir: str = "~/gppf_runs"  # local path or shared filesystem (all nodes write here)
     run_name: str = (
         ""  # "" = <name>-<date>-<time>; a run's checkpoints, logs and config live in run_dir/run_name
     )

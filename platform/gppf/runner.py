@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -19,6 +20,11 @@ def resolve(cfg: JobConfig) -> JobConfig:
     if not cfg.tasks:
         raise ValueError("config.tasks is empty: a job needs at least one task")
     for task in build_tasks(cfg):
+        if type(task).__module__ == "__main__":
+            raise ValueError(
+                f"tasks.{task.name}: task type {type(task).__name__} is defined in the job script itself; "
+                "workers cannot import it from there: move it into a module next to the script"
+            )
         if not task.cfg.data_root:
             raise ValueError(f"tasks.{task.name}.data_root is not set")
         # Absolute: Ray Train workers run in their own working directory.
@@ -52,11 +58,19 @@ def fit(cfg: JobConfig, resume_from: str | None = None) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cfg = resolve(cfg)
+    cfg = resolve(copy.deepcopy(cfg))  # the caller's config stays as it was (sweeps reuse it)
     if not cfg.run_name:
         cfg.run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.run_dir).expanduser().absolute()
+    cfg.run_dir = str(run_dir)  # absolute: Ray Train workers run in their own working directory
     out = run_dir / cfg.run_name
+    if any(out.glob("checkpoint_*")):
+        raise FileExistsError(
+            f"run directory {out} already holds checkpoints; pick another run_name, or continue "
+            f"that run with --resume {out}/<checkpoint>"
+        )
+    if resume_from:
+        resume_from = str(Path(resume_from).expanduser().absolute())
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     print(f"[gppf] run directory {out}", flush=True)

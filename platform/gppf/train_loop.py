@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -183,11 +184,19 @@ class SIMTWorker:
         torch.set_rng_state(state["torch_rng"])
         streams = state.get("streams") or []
         # Same world size: each rank continues its own streams where they stopped. Otherwise the
-        # shares changed anyway, so streams restart at the next pass of the new layout.
-        if state.get("world_size") == self.world and self.rank < len(streams):
-            for task in self.tasks:
+        # shares changed anyway, so every stream starts the pass after the furthest old one.
+        for task in self.tasks:
+            if state.get("world_size") == self.world and self.rank < len(streams):
                 if task.name in streams[self.rank]:
                     self.stream(task).load_state(streams[self.rank][task.name])
+                continue
+            passes = [s[task.name]["pass_idx"] for s in streams if task.name in s]
+            if passes:
+                self.stream(task).load_state({"pass_idx": max(passes) + 1, "taken": 0})
+
+    def close(self) -> None:
+        for s in self.streams.values():
+            s.close()
 
 
 def save_checkpoint(state: dict[str, Any], directory: str) -> None:
@@ -225,7 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         w.load_state_dict(state)
         initial_eval = state.get("initial_eval", {})
         if w.rank == 0:
-            print(f"[gppf] resumed from checkpoint at step {w.step}", flush=True)
+            _say(f"[gppf] resumed from checkpoint at step {w.step}")
     elif cfg.train.eval_at_start:
         initial_eval = w.evaluate(cfg.train.eval_max_batches)
 
@@ -234,27 +243,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     n = len(w.tasks)
     window = torch.zeros(4 * n + 1)
     window_time = 0.0
-    while w.step < cfg.train.steps:
-        out = w.train_step()
-        window += out["stats"]
-        window_time += out["time"]
-        last = w.step == cfg.train.steps
-        if w.step % cfg.train.log_every == 0 or last:
+    metrics: dict[str, Any] = {"step": w.step, "start_step": w.start_step}
+    try:
+        while w.step < cfg.train.steps:
+            out = w.train_step()
+            window += out["stats"]
+            window_time += out["time"]
+            last = w.step == cfg.train.steps
+            log_now = w.step % cfg.train.log_every == 0 or last
+            ckpt_now = last or (cfg.train.checkpoint_every > 0 and w.step % cfg.train.checkpoint_every == 0)
+            if not (log_now or ckpt_now):
+                continue
             metrics = _window_metrics(w, window, window_time)
-            if logger:
-                logger.log(w.step, metrics)
-            window.zero_()
-            window_time = 0.0
-            final_eval = w.evaluate(cfg.train.eval_max_batches) if last else None
-            if final_eval is not None:
-                metrics["final_eval"] = final_eval
-                metrics["initial_eval"] = initial_eval
+            if log_now:
                 if logger:
-                    logger.log_eval(w.step, final_eval)
-            do_ckpt = last or (cfg.train.checkpoint_every and w.step % cfg.train.checkpoint_every == 0)
-            _report(w, metrics, do_ckpt, initial_eval)
-    if logger:
-        logger.close()
+                    logger.log(w.step, metrics)
+                window.zero_()
+                window_time = 0.0
+            # ray.train.report is a barrier: every rank reaches this at the same steps.
+            _report(w, metrics, ckpt_now, initial_eval)
+        # The final weights are checkpointed above, before evaluation can fail; the evaluated
+        # report carries a checkpoint too, because Result.metrics keeps only those.
+        final_eval = w.evaluate(cfg.train.eval_max_batches)
+        if logger:
+            logger.log_eval(w.step, final_eval)
+        _report(w, {**metrics, "final_eval": final_eval, "initial_eval": initial_eval}, True, initial_eval)
+    finally:
+        w.close()
+        if logger:
+            logger.close()
+
+
+def _say(msg: str) -> None:
+    # To the process's real stdout: Ray Train V2 patches print() to also log each line, which
+    # shows every progress line twice in the driver's output.
+    print(msg, file=sys.__stdout__, flush=True)
 
 
 def _window_metrics(w: SIMTWorker, window: torch.Tensor, seconds: float) -> dict[str, Any]:
@@ -312,11 +335,10 @@ class _Logger:
             if isinstance(v, (int, float)) and k != "step":
                 self.writer.add_scalar(k, v, step)
         losses = " ".join(f"{k[5:]}={v:.3f}" for k, v in m.items() if k.startswith("loss/"))
-        print(
+        _say(
             f"[gppf] step {step}/{self.total} {losses} lr={m['lr']:.4f} "
             f"data_wait={100 * m['data_wait_fraction']:.1f}% step={m['step_time_s'] * 1000:.0f}ms "
-            f"elapsed={time.time() - self.t0:.0f}s",
-            flush=True,
+            f"elapsed={time.time() - self.t0:.0f}s"
         )
 
     def log_eval(self, step: int, results: dict[str, dict[str, float]]) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import queue
+import sys
 import threading
 import time
 import zlib
@@ -37,6 +38,7 @@ class StreamConfig:
     min_rows_per_pass: int = 1024  # small datasets repeat epochs inside one pass
     chunk_rows: int = 512  # rows decoded (materialised in the object store) ahead of the trainer
     cpus_per_task: float = 0.25  # Ray CPUs per decode/augment task (fractional: decode is light)
+    stall_warning_s: float = 120.0  # warn (naming the task) when a batch takes longer than this
     preserve_order: bool = True  # deterministic order: the position then identifies the next batch
 
 
@@ -149,16 +151,23 @@ class TaskStream:
                     else:  # the next pass's first chunk
                         plan_next = self._chunks(pass_idx + 1)
                         ahead = pool.submit(materialize, *plan_next[0])
+                    # Shuffle rows inside the chunk too: Parquet units are whole files, whose rows
+                    # may be stored sorted by class.
                     for batch in current.iter_torch_batches(
-                        batch_size=self.task.cfg.batch_size, drop_last=True, prefetch_batches=0
+                        batch_size=self.task.cfg.batch_size,
+                        drop_last=True,
+                        prefetch_batches=0,
+                        local_shuffle_buffer_size=self.cfg.chunk_rows,
+                        local_shuffle_seed=self.pass_seed(pass_idx) + i,
                     ):
                         seen += 1
                         if seen > skip and not put((batch, pass_idx, seen)):
                             return
                 if seen == 0:
                     raise RuntimeError(
-                        f"task {self.task.name!r}: rank {self.rank}'s share yields no full batch of "
-                        f"{self.task.cfg.batch_size}; lower tasks.{self.task.name}.batch_size or add data"
+                        f"task {self.task.name!r}: rank {self.rank}'s share of a pass yields no full batch "
+                        f"of {self.task.cfg.batch_size} (each chunk of data.chunk_rows rows or each file "
+                        f"is batched on its own); lower tasks.{self.task.name}.batch_size or add data"
                     )
                 pass_idx, skip, seen, plan = pass_idx + 1, 0, 0, plan_next
         except BaseException as e:  # hand it to the trainer, which raises it with the task's name
@@ -168,7 +177,9 @@ class TaskStream:
 
     def _chunks(self, pass_idx: int) -> list[tuple[int, list[Any]]]:
         units = self.pass_units(pass_idx)
-        per = max(1, math.ceil(self.cfg.chunk_rows / self.rows_per_unit))
+        bs = self.task.cfg.batch_size
+        rows = math.ceil(max(self.cfg.chunk_rows, bs) / bs) * bs  # whole batches per chunk
+        per = max(1, math.ceil(rows / self.rows_per_unit))
         return [(pass_idx, units[i : i + per]) for i in range(0, len(units), per)]
 
     def _start(self) -> None:
@@ -185,7 +196,18 @@ class TaskStream:
         t0 = time.perf_counter()
         if self._queue is None:
             self._start()
-        item = self._queue.get()
+        while True:
+            try:
+                item = self._queue.get(timeout=self.cfg.stall_warning_s)
+                break
+            except queue.Empty:
+                print(
+                    f"[gppf] rank {self.rank} has waited {time.perf_counter() - t0:.0f}s for a batch of task "
+                    f"{self.task.name!r}: are Ray CPUs left for decoding? (scaling.cpus_per_worker "
+                    f"reserves CPUs for the trainers; data.cpus_per_task is what each decode task needs)",
+                    file=sys.__stdout__,
+                    flush=True,
+                )
         if isinstance(item, BaseException):
             self.close()
             raise item
