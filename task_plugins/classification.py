@@ -86,9 +86,7 @@ def _list_imagefolder(root: Path, classes: list[str], task: str) -> list[dict]:
     items = []
     for c in _class_names(root):
         if c not in index:
-            raise FileNotFoundError(
-                f"task {task!r}: class folder {root / c} has no counterpart in the train split"
-            )
+            raise FileNotFoundError(f"task {task!r}: class folder {root / c} is not in the train split")
         for f in sorted((root / c).iterdir()):
             if f.suffix in IMAGE_EXTS:
                 items.append({"path": str(f), "label": index[c]})

@@ -132,3 +132,26 @@ def test_nan_loss_names_task_and_step(demo_root, ray_session):
             w.train_step()
     for s in w.streams.values():
         s.close()
+
+
+def test_val_split_class_ids_follow_the_train_split(demo_root, tmp_path):
+    root = tmp_path / "d"
+    shutil.copytree(demo_root / "classification", root / "classification")
+    shutil.rmtree(root / "classification" / "val" / "bar")  # val lacks the first class
+    task = _cls(root)
+    task.check_data()
+    labels = {Path(u["path"]).parent.name: u["label"] for u in task.source("val").units}
+    assert labels == {"disc": 1, "square": 2, "triangle": 3}
+    (root / "classification" / "val" / "zebra").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"class folder .*val/zebra is not in the train split"):
+        task.source("val")
+
+
+def test_reusing_a_run_directory_is_refused(demo_root, tmp_path):
+    from gppf.runner import fit
+
+    tasks = {"cls": task_entries(demo_root)["cls_folder"]}
+    cfg = JobConfig(run_dir=str(tmp_path), run_name="r1", tasks=tasks)
+    (tmp_path / "r1" / "checkpoint_2026").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match=r"r1 already holds checkpoints"):
+        fit(cfg)

@@ -63,3 +63,17 @@ def test_from_dict_nested():
     from gppf.job_config import OptimConfig
 
     assert from_dict(OptimConfig, {"lr": 1}).lr == 1.0
+
+
+def test_task_overrides_may_add_plugin_keys_and_strings_stay_strings():
+    cfg = JobConfig(tasks={"a": {"type": "classification"}})
+    cfg = apply_overrides(cfg, ["tasks.a.crop_scale_min=0.08", "run_name=2024"])
+    assert cfg.tasks["a"]["crop_scale_min"] == 0.08 and cfg.run_name == "2024"
+    assert build_task("a", cfg.tasks["a"]).cfg.crop_scale_min == 0.08
+    with pytest.raises(ConfigError, match="tasks.a.crop_scale_mn"):
+        build_task("a", apply_overrides(cfg, ["tasks.a.crop_scale_mn=1"]).tasks["a"])
+
+
+def test_train_config_rejects_bad_intervals():
+    with pytest.raises(ConfigError, match="log_every"):
+        JobConfig.from_dict({"train": {"log_every": 0}})

@@ -39,6 +39,7 @@ def _config(root: Path, run_dir: Path, steps: int, **train) -> JobConfig:
 def test_train_checkpoint_restart_continue(demo_root, ray_session, tmp_path):
     first = fit(_config(demo_root, tmp_path, steps=6))
     assert first["step"] == 6 and first["start_step"] == 0
+    assert "data_wait_s/rank1" in first and 0.0 <= first["data_wait_fraction"] < 1.0
     assert set(first["final_eval"]) == {"cls", "seg"} and set(first["initial_eval"]) == {"cls", "seg"}
     ckpt = first["checkpoint"]
     state = load_checkpoint(ckpt)  # weights_only=True load

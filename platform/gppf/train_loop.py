@@ -105,16 +105,16 @@ class SIMTWorker:
             loss = task.loss(out, batch) * task.cfg.loss_weight
         (self.scaler.scale(loss + tie) if self.scaler else loss + tie).backward()
 
-        n = len(
-            self.tasks
-        )  # per-step stats ride along with the gradients: [nan | loss | steps | samples | wait]
-        stats = torch.zeros(4 * n + 1, device=self.device)
+        # Per-step stats ride along with the gradients: [nan | loss | steps | samples] per task,
+        # then each rank's data wait in its own slot.
+        n = len(self.tasks)
+        stats = torch.zeros(4 * n + self.world, device=self.device)
         finite = bool(torch.isfinite(loss.detach()))
         stats[ti] = 0.0 if finite else 1.0
         stats[n + ti] = loss.detach().float() if finite else 0.0
         stats[2 * n + ti] = 1.0
         stats[3 * n + ti] = batch[task.input_key()].shape[0]
-        stats[4 * n] = wait
+        stats[4 * n + self.rank] = wait
         summed, _ = self.reducer.reduce(stats)
         summed = summed.cpu()
         if summed[:n].sum() > 0:
@@ -241,7 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     w.start_step = w.step
     logger = _Logger(cfg, w) if w.rank == 0 else None
     n = len(w.tasks)
-    window = torch.zeros(4 * n + 1)
+    window = torch.zeros(4 * n + w.world)
     window_time = 0.0
     metrics: dict[str, Any] = {"step": w.step, "start_step": w.start_step}
     try:
@@ -295,7 +295,10 @@ def _window_metrics(w: SIMTWorker, window: torch.Tensor, seconds: float) -> dict
             m[f"loss/{t.name}"] = (window[n + i] / steps[i]).item()
         m[f"worker_steps/{t.name}"] = int(steps[i].item())
         m[f"images_per_s/{t.name}"] = window[3 * n + i].item() / max(seconds, 1e-9)
-    m["data_wait_fraction"] = window[4 * n].item() / max(w.world, 1) / max(seconds, 1e-9)
+    waits = window[4 * n :]
+    m["data_wait_fraction"] = waits.mean().item() / max(seconds, 1e-9)
+    for r, wait in enumerate(waits.tolist()):
+        m[f"data_wait_s/rank{r}"] = wait
     m["step_time_s"] = seconds / total_steps
     return m
 
