@@ -71,7 +71,6 @@ def _p1_rank(rank: int, world: int, backbone: str, batch: int, size: int, steps:
     }
     w = SIMTWorker(cfg, torch.device("cpu"), tasks)
     w.streams["cls"] = _FixedStream(data)
-    platform = _median_time(w.train_step, steps)
 
     def hand_loop(cross_bn: bool):
         torch.manual_seed(0)
@@ -86,12 +85,19 @@ def _p1_rank(rank: int, world: int, backbone: str, batch: int, size: int, steps:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        return _median_time(step, steps)
+        return step
 
-    ddp_local_bn = hand_loop(False)
-    ddp_cross_bn = hand_loop(True)
-    dist.barrier()
-    return {"platform": platform, "ddp_local_bn": ddp_local_bn, "ddp_cross_bn": ddp_cross_bn}
+    # Interleave the three so that drifts of a noisy machine hit them alike.
+    fns = {"platform": w.train_step, "ddp_local_bn": hand_loop(False), "ddp_cross_bn": hand_loop(True)}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(steps + 3):
+        for k, fn in fns.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            if i >= 3:
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _p2_rank(rank: int, world: int, backbone: str, repeats: int) -> dict:

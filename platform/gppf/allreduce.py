@@ -55,48 +55,55 @@ class MaskedAllReduce:
         self.group = group
 
     def reduce(self, extra: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Returns (extra summed over workers, per-parameter use counts N_p)."""
+        """Returns (extra summed over workers, per-parameter use counts N_p).
+
+        Afterwards each used parameter's `.grad` is a view into its bucket's reduced buffer (no copy
+        back); `zero_grad(set_to_none=True)` releases it before the next step.
+        """
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         counts_all = []
         extra_out = None
         for i, bucket in enumerate(self.buckets):
-            ref = bucket.params[0]
-            n_extra = extra.numel() if (i == 0 and extra is not None) else 0
-            n_params = len(bucket.params)
-            flat = torch.zeros(bucket.numel + n_params + n_extra, dtype=torch.float32, device=ref.device)
-            offset = 0
-            for j, p in enumerate(bucket.params):
-                n = p.numel()
-                if p.grad is not None:
-                    flat[offset : offset + n].copy_(p.grad.reshape(-1))
-                    flat[bucket.numel + j] = 1.0
-                offset += n
-            if n_extra:
-                flat[bucket.numel + n_params :].copy_(extra.reshape(-1).float())
+            device = bucket.params[0].device
+            parts = [
+                p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=device)
+                for p in bucket.params
+            ]
+            flags = [0.0 if p.grad is None else 1.0 for p in bucket.params]
+            parts.append(torch.tensor(flags, device=device))
+            if i == 0 and extra is not None:
+                parts.append(extra.reshape(-1).float())
+            flat = torch.cat(parts)  # one copy in, like DDP's bucket
             if distributed:
                 dist.all_reduce(flat, group=self.group)
+            n_params = len(bucket.params)
             counts = flat[bucket.numel : bucket.numel + n_params]
             counts_all.append(counts)
-            if n_extra:
-                extra_out = flat[bucket.numel + n_params :].clone()
-            # One host sync per bucket: which parameters to drop must be known on the host.
-            used = (counts > 0).tolist()
-            scale = 1.0 / counts.clamp(min=1.0)
-            offset = 0
-            for j, p in enumerate(bucket.params):
-                n = p.numel()
-                if used[j]:
-                    g = flat[offset : offset + n].view_as(p).mul_(scale[j])
-                    if p.grad is None:
-                        p.grad = g.to(p.dtype)
-                    else:
-                        p.grad.copy_(g)
-                else:
-                    p.grad = None
-                offset += n
+            if i == 0 and extra is not None:
+                extra_out = flat[bucket.numel + n_params :]
+            self._scatter(bucket, flat, counts.tolist())  # one host sync per bucket
         if extra is not None and not self.buckets:
             extra_out = extra.float().clone()
             if distributed:
                 dist.all_reduce(extra_out, group=self.group)
         counts = torch.cat(counts_all) if counts_all else torch.zeros(0)
         return extra_out, counts
+
+    @staticmethod
+    def _scatter(bucket: Bucket, flat: torch.Tensor, counts: list[float]) -> None:
+        # Divide runs of neighbouring parameters with the same count in one op (the backbone is
+        # one long run with count = world size), then hand out views.
+        start, offset = 0, 0
+        run_count, run_start = None, 0
+        for p, c in zip(bucket.params, counts):
+            if c != run_count:
+                if run_count and run_count != 1.0:
+                    flat[run_start:offset].div_(run_count)
+                run_count, run_start = c, offset
+            offset += p.numel()
+        if run_count and run_count != 1.0:
+            flat[run_start:offset].div_(run_count)
+        for p, c in zip(bucket.params, counts):
+            n = p.numel()
+            p.grad = flat[start : start + n].view_as(p).to(p.dtype) if c > 0 else None
+            start += n
