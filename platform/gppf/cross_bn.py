@@ -35,6 +35,38 @@ def _is_recomputing() -> bool:
     return getattr(_state, "recomputing", False)
 
 
+@contextlib.contextmanager
+def unit_slot(num_units: int, unit: int):
+    """Hard routing: BNs called inside run as unit `unit` of `num_units` candidates.
+
+    Ranks that run different units of the same lego layer must still issue the same collectives,
+    and must not mix statistics. Inside this context each BN all-reduces a [num_units, 2C+1]
+    stack with its own statistics in row `unit` and zeros elsewhere, then uses its row: one
+    collective per BN position, whichever unit a rank runs (DESIGN.md).
+    """
+    prev = getattr(_state, "slot", None)
+    _state.slot = (num_units, unit)
+    try:
+        yield
+    finally:
+        _state.slot = prev
+
+
+def _stacked_all_reduce(vec: torch.Tensor, slot, group) -> torch.Tensor:
+    """all_reduce `vec` ([1, len] result), or, inside unit_slot, a [num_units, len] stack holding
+    `vec` in the unit's row and zeros elsewhere (every unit's global sums come back)."""
+    if slot is None:
+        if _synced():
+            dist.all_reduce(vec, group=group)
+        return vec[None]
+    n, k = slot
+    stack = vec.new_zeros(n, vec.numel())
+    stack[k] = vec
+    if _synced():
+        dist.all_reduce(stack, group=group)
+    return stack
+
+
 def _synced() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -46,9 +78,9 @@ class _CrossTaskBNFn(torch.autograd.Function):
         acc = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 inputs accumulate in fp32
         xf = x.transpose(0, 1).reshape(c, -1).to(acc)  # [C, N*H*W]
         count = torch.full((1,), float(xf.shape[1]), dtype=acc, device=x.device)
-        local = torch.cat([xf.sum(1), (xf * xf).sum(1), count])
-        if _synced():
-            dist.all_reduce(local, group=group)
+        slot = getattr(_state, "slot", None)
+        stack = _stacked_all_reduce(torch.cat([xf.sum(1), (xf * xf).sum(1), count]), slot, group)
+        local = stack[slot[1] if slot else 0]
         count = local[-1].clamp(min=1.0)
         mean = local[:c] / count
         var = (local[c : 2 * c] / count - mean * mean).clamp(min=0.0)
@@ -59,12 +91,12 @@ class _CrossTaskBNFn(torch.autograd.Function):
         ctx.save_for_backward(xhat, weight, invstd)
         ctx.count = count
         ctx.group = group
-        total = local[-1]
-        ctx.mark_non_differentiable(mean, var, total)
-        return y.to(x.dtype), mean, var, total
+        ctx.slot = slot  # backward runs outside the unit_slot context
+        ctx.mark_non_differentiable(stack)
+        return y.to(x.dtype), stack
 
     @staticmethod
-    def backward(ctx, gy, _gmean, _gvar, _gcount):
+    def backward(ctx, gy, _gstack):
         xhat, weight, invstd = ctx.saved_tensors
         c = xhat.shape[1]
         shape = (1, c) + (1,) * (xhat.dim() - 2)
@@ -74,9 +106,8 @@ class _CrossTaskBNFn(torch.autograd.Function):
         sum_dy_xhat = (g * xhat).sum(dims)
         grad_weight = sum_dy_xhat.to(weight.dtype)  # local: the masked allreduce averages it
         grad_bias = sum_dy.to(weight.dtype)
-        both = torch.cat([sum_dy, sum_dy_xhat])
-        if _synced():
-            dist.all_reduce(both, group=ctx.group)
+        both = _stacked_all_reduce(torch.cat([sum_dy, sum_dy_xhat]), ctx.slot, ctx.group)
+        both = both[ctx.slot[1] if ctx.slot else 0]
         mean_dy = (both[:c] / ctx.count).view(shape)
         mean_dy_xhat = (both[c:] / ctx.count).view(shape)
         gx = (g - mean_dy - xhat * mean_dy_xhat) * (weight.to(xhat.dtype) * invstd).view(shape)
@@ -93,32 +124,47 @@ class CrossTaskBatchNorm2d(nn.BatchNorm2d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, group=None):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True)
         self.group = group
+        self.siblings: list[CrossTaskBatchNorm2d] = []  # same BN position in the other lego units
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return F.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
             )
-        y, mean, var, count = _CrossTaskBNFn.apply(x, self.weight, self.bias, self.eps, self.group)
+        y, stack = _CrossTaskBNFn.apply(x, self.weight, self.bias, self.eps, self.group)
         if not _is_recomputing():
-            # No .item(): a host sync per BN layer would stall the GPU. A global count <= 1 (all
-            # batches empty) leaves the running stats as they were.
-            with torch.no_grad():
-                valid = count > 1
-                unbiased = var * (count / (count - 1).clamp(min=1.0))
-                rate = torch.where(
-                    valid, torch.tensor(self.momentum, dtype=self.running_mean.dtype, device=x.device), 0.0
-                )
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), rate)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), rate)
-                self.num_batches_tracked.add_(valid.to(self.num_batches_tracked.dtype))
+            # Under hard routing the stack holds every sibling unit's global sums at this BN
+            # position, so every rank updates every unit's running stats alike, including units it
+            # did not run. (`siblings` is set by the lego layer; plain BN has none.)
+            mods = self.siblings if len(stack) > 1 else [self]
+            for bn, row in zip(mods, stack):
+                bn._update_running_stats(row)
         return y
+
+    def _update_running_stats(self, sums: torch.Tensor) -> None:
+        # No .item(): a host sync per BN layer would stall the GPU. A global count <= 1 (all
+        # batches empty, or a unit nobody ran) leaves the running stats as they were.
+        c = self.num_features
+        with torch.no_grad():
+            count = sums[-1]
+            valid = count > 1
+            mean = sums[:c] / count.clamp(min=1.0)
+            var = (sums[c : 2 * c] / count.clamp(min=1.0) - mean * mean).clamp(min=0.0)
+            unbiased = var * (count / (count - 1).clamp(min=1.0))
+            rate = torch.where(
+                valid, torch.tensor(self.momentum, dtype=self.running_mean.dtype, device=sums.device), 0.0
+            )
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), rate)
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), rate)
+            self.num_batches_tracked.add_(valid.to(self.num_batches_tracked.dtype))
 
     @classmethod
     def convert(cls, module: nn.Module, group=None) -> nn.Module:
         """Replace every BatchNorm2d under `module` (keeping its weights and stats)."""
         if isinstance(module, nn.BatchNorm2d) and not isinstance(module, cls):
             new = cls(module.num_features, module.eps, module.momentum or 0.1, group=group)
+            ref = module.running_mean if module.running_mean is not None else module.weight
+            new = new.to(device=ref.device, dtype=ref.dtype)
             with torch.no_grad():
                 if module.affine:
                     new.weight.copy_(module.weight)

@@ -1,0 +1,206 @@
+"""Lego layers and per-task Gumbel-softmax controllers (GPPF §3.2, eq. 1, App. D.1).
+
+A lego layer holds N units of identical architecture and separate weights. Each task has logits
+α_l ∈ R^N per layer; in training it samples u = softmax((log softmax(α) + G) / τ) with Gumbel
+noise G and
+- soft: out = Σ_k u_k · unit_k(x)       (every unit runs: N× activation memory)
+- hard: out = u_k* · unit_k*(x), u one-hot by straight-through, so only the chosen unit runs and
+        the controller still gets a gradient through u_k* (value 1)
+In evaluation only the arg-max unit runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gppf.cross_bn import unit_slot
+
+MODES = ("soft", "hard")
+
+
+@dataclass
+class LegoConfig:
+    num_units: int = 2  # N units per lego layer (GPPF uses 2)
+    mode: str = "soft"  # "soft" or "hard" Gumbel-softmax in training
+    shared_stem: bool = True  # the stem is one unit shared by all tasks (GPPF's results)
+    shared_layers: tuple[int, ...] = ()  # indices of lego layers that are shared (1 unit)
+    tau_start: float = 5.0
+    tau_end: float = 0.01
+    tau_decay_fraction: float = 0.9  # τ decays linearly over this fraction of steps, then stays
+    controller_lr: float = 0.0  # learning rate of the controller logits; 0 = the optimizer's lr
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"backbone.lego.mode must be one of {MODES}, got {self.mode!r}")
+        if self.num_units < 1:
+            raise ValueError(f"backbone.lego.num_units must be >= 1, got {self.num_units}")
+
+
+def gumbel_tau(
+    step: int, total_steps: int, start: float = 5.0, end: float = 0.01, fraction: float = 0.9
+) -> float:
+    """Linear decay from `start` to `end` over the first `fraction` of training, then constant."""
+    decay = max(1.0, fraction * total_steps)
+    return end if step >= decay else start + (end - start) * step / decay
+
+
+class GumbelController(nn.Module):
+    """Per-task selection logits α[task] of shape [layers, units]."""
+
+    def __init__(self, tasks: Sequence[str], num_layers: int, num_units: int):
+        super().__init__()
+        self.num_units = num_units
+        self.logits = nn.ParameterDict({t: nn.Parameter(torch.zeros(num_layers, num_units)) for t in tasks})
+
+    def probabilities(self, task: str) -> torch.Tensor:
+        return F.softmax(self.logits[task], -1)
+
+    def route(self, task: str) -> list[int]:
+        """The arg-max unit of every layer: what evaluation runs and what export extracts."""
+        return self.logits[task].argmax(-1).tolist()
+
+    def sample(
+        self, task: str, tau: float, hard: bool, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Eq. 1: u = softmax((log p + G) / τ), straight-through one-hot when `hard`. [layers, units]"""
+        logits = self.logits[task]
+        u = torch.rand(logits.shape, generator=generator, device="cpu").to(logits.device)
+        gumbel = -torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7)))
+        y = F.softmax((F.log_softmax(logits, -1) + gumbel) / tau, -1)
+        if not hard:
+            return y
+        one_hot = F.one_hot(y.argmax(-1), self.num_units).to(y.dtype)
+        return one_hot - y.detach() + y
+
+
+class LegoLayer(nn.Module):
+    """N candidate units of one layer. `forward(x, weights)`:
+
+    weights None -> unit 0 (shared layer) ; a [N] soft vector -> weighted sum of all units ;
+    a [N] straight-through one-hot (hard) -> only the chosen unit runs ; an int -> that unit (eval).
+    """
+
+    def __init__(self, units: Sequence[nn.Module]):
+        super().__init__()
+        self.units = nn.ModuleList(units)
+        self.executed = [0] * len(units)  # how often each unit ran (tests, selection stats)
+        self._linked = False
+
+    @property
+    def num_units(self) -> int:
+        return len(self.units)
+
+    def link_siblings(self) -> None:
+        """Tell each cross-task BN which BNs hold the same position in the other units, so a hard-
+        routed step can update all their running stats from the stacked collective."""
+        from gppf.cross_bn import CrossTaskBatchNorm2d
+
+        per_unit = [[m for m in u.modules() if isinstance(m, CrossTaskBatchNorm2d)] for u in self.units]
+        for group in zip(*per_unit):
+            for bn in group:
+                object.__setattr__(bn, "siblings", list(group))  # plain list: not submodules
+
+    def _run(self, k: int, x: torch.Tensor, hard_slot: bool) -> torch.Tensor:
+        self.executed[k] += 1
+        if hard_slot and self.num_units > 1:
+            with unit_slot(self.num_units, k):
+                return self.units[k](x)
+        return self.units[k](x)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor | int | None = None, hard: bool = False):
+        if self.num_units == 1 or weights is None:
+            return self._run(0, x, False)
+        if isinstance(weights, int):
+            return self._run(weights, x, False)
+        if hard:
+            k = int(weights.detach().argmax())
+            if not self._linked:
+                self.link_siblings()
+                self._linked = True
+            return self._run(k, x, True) * weights[k]
+        return sum(weights[k] * self._run(k, x, False) for k in range(self.num_units))
+
+
+class LegoResNet(nn.Module):
+    """A timm ResNet whose stem and every residual block are lego layers (N copies each).
+
+    Layer 0 is the stem (shared by default), layers 1.. are the blocks in timm's order
+    (layer1.0, layer1.1, ..., layer4.2 for ResNet-50). `forward(x, task)` returns the outputs of
+    the four stages (strides 4, 8, 16, 32) along the task's route.
+    """
+
+    STEM = ("conv1", "bn1", "act1", "maxpool")
+
+    def __init__(self, name: str, tasks: Sequence[str], cfg: LegoConfig):
+        super().__init__()
+        import timm
+
+        self.name = name
+        self.cfg = cfg
+        # N independently initialised models: their blocks are the units (same architecture).
+        models = [timm.create_model(name, pretrained=False, num_classes=0) for _ in range(cfg.num_units)]
+        shared = set(cfg.shared_layers) | ({0} if cfg.shared_stem else set())
+        self.layer_names = ["stem"]
+        layers = [
+            LegoLayer(
+                [nn.Sequential(*(getattr(m, s) for s in self.STEM)) for m in self._pick(models, 0, shared)]
+            )
+        ]
+        self.stage_ends: list[int] = []
+        for s in range(1, 5):
+            for b in range(len(getattr(models[0], f"layer{s}"))):
+                idx = len(layers)
+                layers.append(
+                    LegoLayer([getattr(m, f"layer{s}")[b] for m in self._pick(models, idx, shared)])
+                )
+                self.layer_names.append(f"layer{s}.{b}")
+            self.stage_ends.append(len(layers) - 1)
+        self.layers = nn.ModuleList(layers)
+        self.controller = GumbelController(tasks, len(layers), cfg.num_units)
+        info = models[0].feature_info[-4:]
+        from gppf.task import FeatureInfo
+
+        self.feature_info = [FeatureInfo(f["num_chs"], f["reduction"]) for f in info]
+        self.tau = cfg.tau_start
+        self.generator: torch.Generator | None = None  # set per step by the trainer (reproducible)
+
+    @staticmethod
+    def _pick(models: list[nn.Module], idx: int, shared: set[int]) -> list[nn.Module]:
+        return models[:1] if idx in shared else models
+
+    def forward(self, x: torch.Tensor, task: str) -> list[torch.Tensor]:
+        hard = self.cfg.mode == "hard"
+        if self.training:
+            weights = self.controller.sample(task, self.tau, hard, self.generator)
+        route = self.controller.route(task)
+        feats = []
+        for idx, layer in enumerate(self.layers):
+            if layer.num_units == 1:
+                x = layer(x)
+            elif self.training:
+                x = layer(x, weights[idx], hard=hard)
+            else:
+                x = layer(x, route[idx])
+            if idx in self.stage_ends:
+                feats.append(x)
+        return feats
+
+    def export_route(self, task: str) -> dict[str, torch.Tensor]:
+        """The task's arg-max path as a plain state_dict of `timm.create_model(name, num_classes=0)`."""
+        route = self.controller.route(task)
+        state = {}
+        for idx, (lname, layer) in enumerate(zip(self.layer_names, self.layers)):
+            unit = layer.units[route[idx] if layer.num_units > 1 else 0]
+            for key, value in unit.state_dict().items():
+                if lname == "stem":
+                    head, _, rest = key.partition(".")
+                    full = f"{self.STEM[int(head)]}.{rest}"
+                else:
+                    full = f"{lname}.{key}"
+                state[full] = value.detach().clone()
+        return state
