@@ -67,3 +67,19 @@ def test_ablation_switches_run(demo_root, ray_session, tmp_path):
     expected = {name: 2 * per_batch.count(i) for i, name in enumerate(["cls", "seg"])}
     assert expected != {name: simt.count(i) for i, name in enumerate(["cls", "seg"])}  # the check can fail
     assert {name: out[f"worker_steps/{name}"] for name in expected} == expected
+
+
+def test_lego_backbone_hard_routes_train_end_to_end(demo_root, ray_session, tmp_path):
+    cfg = _config(demo_root, tmp_path, steps=4)
+    cfg.backbone.kind = "lego"
+    cfg.backbone.lego.mode = "hard"
+    out = fit(cfg)
+    assert out["step"] == 4
+    routes = out["routes"]
+    assert set(routes) == {"cls", "seg"}
+    n_layers = len(routes["cls"]["route"])
+    assert n_layers == 1 + 4  # stem + resnet10t's four blocks
+    for r in routes.values():
+        assert all(abs(sum(p) - 1.0) < 1e-5 for p in r["probs"])
+    state = load_checkpoint(out["checkpoint"])
+    assert any(".controller.logits.cls" in k for k in state["model"])

@@ -7,7 +7,7 @@ and their collectives would not line up (DESIGN.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import timm
 import torch
@@ -15,16 +15,37 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gppf.cross_bn import CrossTaskBatchNorm2d, recomputing
+from gppf.lego import LegoConfig, LegoResNet
 from gppf.task import FeatureInfo
 
 
 @dataclass
 class BackboneConfig:
-    name: str = "resnet50"  # any timm model that supports features_only
-    out_indices: tuple[int, ...] = (1, 2, 3, 4)  # res2..res5 for ResNets: strides 4, 8, 16, 32
+    name: str = "resnet50"  # a timm model (static: any with features_only; lego: a ResNet)
+    kind: str = "static"  # "static" (one shared network) or "lego" (per-task routes, GPPF §3.2)
+    lego: LegoConfig = field(default_factory=LegoConfig)
+    out_indices: tuple[int, ...] = (1, 2, 3, 4)  # static: res2..res5 for ResNets, strides 4..32
     cross_task_bn: bool = True  # False = GPPF Table 1's "local BN" ablation
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # static backbones only for now
     drop_path_rate: float = 0.0
+
+
+def build_backbone(cfg: BackboneConfig, task_names: list[str]) -> nn.Module:
+    """The shared backbone of a job: `forward(x, task) -> feature maps`, `feature_info`."""
+    if cfg.kind == "static":
+        return Backbone.from_config(cfg)
+    if cfg.kind != "lego":
+        raise ValueError(f"backbone.kind must be 'static' or 'lego', got {cfg.kind!r}")
+    if cfg.grad_checkpointing:
+        raise ValueError("backbone.grad_checkpointing is not supported with backbone.kind=lego yet")
+    if not cfg.name.startswith("resnet"):
+        raise ValueError(
+            f"backbone.kind=lego supports timm ResNets (resnet18, resnet50, ...), got {cfg.name!r}"
+        )
+    model = LegoResNet(cfg.name, task_names, cfg.lego)
+    if cfg.cross_task_bn:
+        CrossTaskBatchNorm2d.convert(model)
+    return model
 
 
 def _recompute_context():
@@ -79,5 +100,5 @@ class Backbone(nn.Module):
     def from_config(cls, cfg: BackboneConfig) -> Backbone:
         return cls(cfg.name, cfg.out_indices, cfg.cross_task_bn, cfg.grad_checkpointing, cfg.drop_path_rate)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.body(x)
+    def forward(self, x: torch.Tensor, task: str | None = None) -> list[torch.Tensor]:
+        return self.body(x)  # one network for every task

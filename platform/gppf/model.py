@@ -7,12 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from gppf.backbone import Backbone
 from gppf.task import Task
 
 
 class MultiTaskModel(nn.Module):
-    def __init__(self, backbone: Backbone, tasks: list[Task]):
+    def __init__(self, backbone: nn.Module, tasks: list[Task]):
         super().__init__()
         self.backbone = backbone
         self.heads = nn.ModuleDict({t.name: t.build_head(backbone.feature_info) for t in tasks})
@@ -24,6 +23,6 @@ class MultiTaskModel(nn.Module):
         the last) must still send a gradient through every backbone BN, because cross-task BN's
         backward is a collective that all ranks issue in the same order.
         """
-        feats = self.backbone(x)
+        feats = self.backbone(x, task)
         tie = sum(f.sum() for f in feats) * 0.0
         return self.heads[task](feats), tie

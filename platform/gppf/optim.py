@@ -10,12 +10,18 @@ from torch import nn
 from gppf.job_config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(model: nn.Module, cfg: OptimConfig, controller_lr: float = 0.0) -> torch.optim.Optimizer:
+    """Controller logits (lego backbones) form their own group: their own lr, no weight decay."""
+    ctrl = [p for n, p in model.named_parameters() if ".controller." in f".{n}" and p.requires_grad]
+    ctrl_ids = {id(p) for p in ctrl}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in ctrl_ids]
+    groups = [{"params": params}]
+    if ctrl:
+        groups.append({"params": ctrl, "lr": controller_lr or cfg.lr, "weight_decay": 0.0})
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"optim.name must be 'sgd' or 'adamw', got {cfg.name!r}")
 
 

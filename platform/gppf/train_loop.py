@@ -22,10 +22,11 @@ import torch
 import torch.distributed as dist
 
 from gppf.allreduce import MaskedAllReduce
-from gppf.backbone import Backbone
+from gppf.backbone import build_backbone
 from gppf.config import from_dict
 from gppf.data.stream import TaskStream, configure_data_context, eval_batches
 from gppf.job_config import JobConfig
+from gppf.lego import gumbel_tau
 from gppf.model import MultiTaskModel
 from gppf.optim import build_optimizer, build_scheduler
 from gppf.registry import build_task
@@ -59,10 +60,12 @@ class SIMTWorker:
         self.tasks = tasks if tasks is not None else build_tasks(cfg)
         self.weights = [t.cfg.sampling_weight for t in self.tasks]
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.model = MultiTaskModel(Backbone.from_config(cfg.backbone), self.tasks).to(device)
+        backbone = build_backbone(cfg.backbone, [t.name for t in self.tasks])
+        self.model = MultiTaskModel(backbone, self.tasks).to(device)
+        self.controller = getattr(backbone, "controller", None)
         self._broadcast_parameters()
         self.reducer = MaskedAllReduce(list(self.model.parameters()), cfg.train.bucket_mb)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.backbone.lego.controller_lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         amp_on = cfg.train.amp and device.type == "cuda"
         self.amp_dtype = torch.float16 if cfg.train.amp_dtype == "float16" else torch.bfloat16
@@ -100,6 +103,8 @@ class SIMTWorker:
         batch, wait = self.stream(task).next()
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self.model.train()
+        if self.controller is not None:
+            self._set_routing(self.step)
         with self.autocast():
             out, tie = self.model(batch[task.input_key()], task.name)
             loss = task.loss(out, batch) * task.cfg.loss_weight
@@ -131,6 +136,26 @@ class SIMTWorker:
         self.step += 1
         return {"task": task.name, "stats": summed, "wait": wait, "time": time.perf_counter() - t0}
 
+    def _set_routing(self, step: int) -> None:
+        """Gumbel temperature and noise for this step: a pure function of (seed, step, rank)."""
+        lego = self.cfg.backbone.lego
+        bb = self.model.backbone
+        bb.tau = gumbel_tau(step, self.cfg.train.steps, lego.tau_start, lego.tau_end, lego.tau_decay_fraction)
+        seed = int(np.random.default_rng([self.cfg.train.seed, step, self.rank, 7]).integers(2**62))
+        bb.generator = torch.Generator().manual_seed(seed)
+
+    def routes(self) -> dict[str, dict[str, Any]]:
+        """Per task: the arg-max unit per lego layer and the selection probabilities."""
+        if self.controller is None:
+            return {}
+        return {
+            t.name: {
+                "route": self.controller.route(t.name),
+                "probs": self.controller.probabilities(t.name).detach().cpu().tolist(),
+            }
+            for t in self.tasks
+        }
+
     # ------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, max_batches: int = 0) -> dict[str, dict[str, float]]:
@@ -139,9 +164,7 @@ class SIMTWorker:
         results = {}
         for task in self.tasks:
             ev = task.evaluator()
-            for i, batch in enumerate(eval_batches(task, self.rank, self.world, self.cfg.data)):
-                if max_batches and i >= max_batches:
-                    break
+            for batch in eval_batches(task, self.rank, self.world, self.cfg.data, max_batches):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with self.autocast():
                     out, _ = self.model(batch[task.input_key()], task.name)
@@ -255,6 +278,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not (log_now or ckpt_now):
                 continue
             metrics = _window_metrics(w, window, window_time)
+            if w.controller is not None:
+                metrics["routes"] = w.routes()
+                metrics["tau"] = w.model.backbone.tau
             if log_now:
                 if logger:
                     logger.log(w.step, metrics)
@@ -334,6 +360,10 @@ class _Logger:
     def log(self, step: int, m: dict[str, Any]) -> None:
         self.jsonl.write(json.dumps(m) + "\n")
         self.jsonl.flush()
+        for task, r in m.get("routes", {}).items():  # selection probabilities over training (Fig. 11)
+            for layer, probs in enumerate(r["probs"]):
+                for unit, p in enumerate(probs):
+                    self.writer.add_scalar(f"select/{task}/layer{layer:02d}/unit{unit}", p, step)
         for k, v in m.items():
             if isinstance(v, (int, float)) and k != "step":
                 self.writer.add_scalar(k, v, step)

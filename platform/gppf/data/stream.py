@@ -94,6 +94,7 @@ class TaskStream:
         self.taken = 0  # batches the trainer has taken from the current pass
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
 
     # -- the plan of a pass: a pure function of (seed, task, pass, rank, world) --------------
     def _share(self, epoch: int) -> list[Any]:
@@ -173,7 +174,7 @@ class TaskStream:
         except BaseException as e:  # hand it to the trainer, which raises it with the task's name
             put(e)
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)  # let a running materialize finish
 
     def _chunks(self, pass_idx: int) -> list[tuple[int, list[Any]]]:
         units = self.pass_units(pass_idx)
@@ -185,12 +186,13 @@ class TaskStream:
     def _start(self) -> None:
         self._queue = queue.Queue(maxsize=max(1, self.cfg.prefetch_batches))
         self._stop = threading.Event()
-        threading.Thread(
+        self._thread = threading.Thread(
             target=self._produce,
             args=(self.pass_idx, self.taken, self._queue, self._stop),
             name=f"gppf-stream-{self.task.name}",
             daemon=True,
-        ).start()
+        )
+        self._thread.start()
 
     def next(self) -> tuple[dict[str, torch.Tensor], float]:
         t0 = time.perf_counter()
@@ -214,11 +216,23 @@ class TaskStream:
         batch, self.pass_idx, self.taken = item
         return batch, time.perf_counter() - t0
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the producer and wait for it: no Ray call of this stream is in flight afterwards
+        (one still running when Ray shuts down can take the whole process with it)."""
         if self._stop is not None:
             self._stop.set()
+        if self._thread is not None:
+            while self._thread.is_alive():
+                try:  # unblock a producer waiting to put
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    self._thread.join(0.1)
+                if timeout <= 0:
+                    break
+                timeout -= 0.1
         self._queue = None
         self._stop = None
+        self._thread = None
 
     def state(self) -> dict[str, int]:
         return {"pass_idx": self.pass_idx, "taken": self.taken}
@@ -229,15 +243,20 @@ class TaskStream:
         self.taken = int(state["taken"])
 
 
-def eval_batches(task: Task, rank: int, world: int, cfg: StreamConfig | None = None) -> Iterator[dict]:
-    """One pass over rank's share of the validation split (no shuffling, last batch kept)."""
+def eval_batches(
+    task: Task, rank: int, world: int, cfg: StreamConfig | None = None, max_batches: int = 0
+) -> Iterator[dict]:
+    """One pass over rank's share of the validation split (no shuffling, last batch kept).
+    `max_batches` > 0 stops early by limiting the dataset, so no execution is left running."""
     cfg = cfg or StreamConfig()
     src = task.source("val")
     units = src.units[rank::world]
     if not units:
         return iter(())
     ds = build_dataset(task, src.read, units, False, 0, cfg)
-    return iter(ds.iter_torch_batches(batch_size=task.cfg.batch_size, drop_last=False, prefetch_batches=1))
+    if max_batches:
+        ds = ds.limit(max_batches * task.cfg.batch_size)
+    return iter(ds.iter_torch_batches(batch_size=task.cfg.batch_size, drop_last=False, prefetch_batches=0))
 
 
 def items_dataset(items: list[Any], rows_per_block: int = 64):
