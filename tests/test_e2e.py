@@ -83,3 +83,4 @@ def test_lego_backbone_hard_routes_train_end_to_end(demo_root, ray_session, tmp_
         assert all(abs(sum(p) - 1.0) < 1e-5 for p in r["probs"])
     state = load_checkpoint(out["checkpoint"])
     assert any(".controller.logits.cls" in k for k in state["model"])
+    assert (Path(out["run_dir"]) / "selection.png").is_file()  # the selection plot of the run

@@ -355,11 +355,13 @@ class _Logger:
         self.writer = SummaryWriter(str(self.dir))
         self.jsonl = open(self.dir.parent / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
         self.total = cfg.train.steps
+        self.has_routes = False
         self.t0 = time.time()
 
     def log(self, step: int, m: dict[str, Any]) -> None:
         self.jsonl.write(json.dumps(m) + "\n")
         self.jsonl.flush()
+        self.has_routes = self.has_routes or "routes" in m
         for task, r in m.get("routes", {}).items():  # selection probabilities over training (Fig. 11)
             for layer, probs in enumerate(r["probs"]):
                 for unit, p in enumerate(probs):
@@ -380,5 +382,14 @@ class _Logger:
                 self.writer.add_scalar(f"val/{task}/{k}", v, step)
 
     def close(self) -> None:
-        self.writer.close()
         self.jsonl.close()
+        if self.has_routes:  # selection plots (GPPF Fig. 3 and 11) next to the logs
+            import numpy as np
+            from PIL import Image
+
+            from gppf.plots import draw
+
+            for path in draw(self.dir.parent):
+                img = np.asarray(Image.open(path).convert("RGB"))
+                self.writer.add_image(f"selection/{path.stem}", img, self.total, dataformats="HWC")
+        self.writer.close()

@@ -1,0 +1,88 @@
+"""P4: peak memory of one training step, static vs hard- vs soft-routed lego ResNet (N units).
+
+    python benchmarks/memory_bench.py [--backbone resnet50 --batch 8 --size 224 --units 2]
+
+Each variant runs in a fresh process: build the model, run one step (forward, backward, SGD),
+and report the step's peak memory above what the process held before the step (parameters,
+gradients and optimizer state excluded). On CPU that is the growth of the peak resident set
+(ru_maxrss); with --device cuda it is torch.cuda.max_memory_allocated with bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+
+def _one(variant: str, backbone: str, batch: int, size: int, units: int, device: str) -> dict:
+    import torch
+
+    from gppf.backbone import Backbone
+    from gppf.cross_bn import CrossTaskBatchNorm2d
+    from gppf.lego import LegoConfig, LegoResNet
+
+    torch.manual_seed(0)
+    if variant == "static":
+        model = Backbone(backbone)
+    else:
+        model = LegoResNet(backbone, ["t"], LegoConfig(num_units=units, mode=variant))
+        CrossTaskBatchNorm2d.convert(model)
+        model.tau = 1.0
+    model.to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, size, size, device=device)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = sum(f.float().mean() for f in model(x, "t"))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # keep grads allocated: the step's own peak is measured
+
+    step()  # allocate grads and momentum first
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    params = sum(p.numel() for p in model.parameters())
+    return {"variant": variant, "peak_mb": peak / 2**20, "params_m": params / 1e6}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="resnet50")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--units", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # child process
+    args = ap.parse_args()
+    if args.variant:
+        print(json.dumps(_one(args.variant, args.backbone, args.batch, args.size, args.units, args.device)))
+        return
+    rows = []
+    for variant in ("static", "hard", "soft"):
+        cmd = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        rows.append(json.loads(out))
+    static = rows[0]["peak_mb"]
+    print(f"P4 ({args.backbone}, N={args.units}, batch {args.batch}, {args.size}px, {args.device})")
+    for r in rows:
+        print(
+            f"  {r['variant']:<7} params {r['params_m']:6.1f} M  step peak {r['peak_mb']:8.1f} MB  "
+            f"x{r['peak_mb'] / static:.2f} of static"
+        )
+
+
+if __name__ == "__main__":
+    main()
