@@ -7,7 +7,7 @@ import timm
 import torch
 
 from gppf.cross_bn import CrossTaskBatchNorm2d
-from gppf.lego import LegoConfig, LegoResNet, gumbel_tau
+from gppf.lego import LegoConfig, LegoResNet, LegoSwin, gumbel_tau
 
 
 def _lego(mode: str, name: str = "resnet18") -> LegoResNet:
@@ -82,4 +82,26 @@ def test_export_loads_strict_into_timm_and_matches(name):
         ref.eval()
         with torch.no_grad():
             torch.testing.assert_close(ref.forward_features(x), m(x, task)[-1], atol=1e-5, rtol=1e-5)
+    assert m.controller.route("a") != m.controller.route("b")
+
+
+def test_swin_export_loads_strict_into_timm_and_matches():
+    name = "swin_tiny_patch4_window7_224"
+    torch.manual_seed(0)
+    m = LegoSwin(name, ["a", "b"], LegoConfig(num_units=2, mode="soft"))
+    with torch.no_grad():
+        m.controller.logits["a"].normal_()
+        m.controller.logits["b"].normal_()
+    assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())  # LayerNorm only
+    m.eval()
+    x = torch.randn(1, 3, 224, 224)
+    feats = m(x, "a")
+    assert [f.shape[1] for f in feats] == [96, 192, 384, 768] and feats[0].shape[-1] == 56
+    for task in ("a", "b"):
+        ref = timm.create_model(name, pretrained=False, num_classes=0)
+        ref.load_state_dict(m.export_route(task), strict=True)
+        ref.eval()
+        with torch.no_grad():
+            out = ref.forward_features(x).permute(0, 3, 1, 2)
+            torch.testing.assert_close(out, m(x, task)[-1], atol=1e-5, rtol=1e-5)
     assert m.controller.route("a") != m.controller.route("b")

@@ -8,6 +8,7 @@ and their collectives would not line up (DESIGN.md).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import timm
 import torch
@@ -28,6 +29,7 @@ class BackboneConfig:
     cross_task_bn: bool = True  # False = GPPF Table 1's "local BN" ablation
     grad_checkpointing: bool = False  # static backbones only for now
     drop_path_rate: float = 0.0
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
 
 
 def build_backbone(cfg: BackboneConfig, task_names: list[str]) -> nn.Module:
@@ -78,9 +80,11 @@ class Backbone(nn.Module):
         cross_task_bn: bool = True,
         grad_checkpointing: bool = False,
         drop_path_rate: float = 0.0,
+        model_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
         kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+        kwargs.update(model_kwargs or {})
         self.body = timm.create_model(
             name, pretrained=False, features_only=True, out_indices=tuple(out_indices), **kwargs
         )
@@ -98,7 +102,14 @@ class Backbone(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: BackboneConfig) -> Backbone:
-        return cls(cfg.name, cfg.out_indices, cfg.cross_task_bn, cfg.grad_checkpointing, cfg.drop_path_rate)
+        return cls(
+            cfg.name,
+            cfg.out_indices,
+            cfg.cross_task_bn,
+            cfg.grad_checkpointing,
+            cfg.drop_path_rate,
+            cfg.model_kwargs,
+        )
 
     def forward(self, x: torch.Tensor, task: str | None = None) -> list[torch.Tensor]:
         return self.body(x)  # one network for every task

@@ -78,6 +78,22 @@ class GumbelController(nn.Module):
         return one_hot - y.detach() + y
 
 
+class _HardGate(torch.autograd.Function):
+    """out * w for a straight-through weight whose forward value is exactly 1: returns `out`
+    itself (a view, no new activation) and still sends d(loss)/dw = <grad, out> to the controller.
+    A plain `out * w` would keep a second copy of every block output alive for backward."""
+
+    @staticmethod
+    def forward(ctx, out, w):
+        ctx.save_for_backward(out, w)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, w = ctx.saved_tensors
+        return grad * w, (grad * out).sum().to(w.dtype)
+
+
 class LegoLayer(nn.Module):
     """N candidate units of one layer. `forward(x, weights)`:
 
@@ -122,56 +138,57 @@ class LegoLayer(nn.Module):
             if not self._linked:
                 self.link_siblings()
                 self._linked = True
-            return self._run(k, x, True) * weights[k]
+            return _HardGate.apply(self._run(k, x, True), weights[k])
         return sum(weights[k] * self._run(k, x, False) for k in range(self.num_units))
 
 
-class LegoResNet(nn.Module):
-    """A timm ResNet whose stem and every residual block are lego layers (N copies each).
+class _Stem(nn.Module):
+    """A ResNet stem as one unit, keeping timm's child names (conv1, bn1, ...) for export."""
 
-    Layer 0 is the stem (shared by default), layers 1.. are the blocks in timm's order
-    (layer1.0, layer1.1, ..., layer4.2 for ResNet-50). `forward(x, task)` returns the outputs of
-    the four stages (strides 4, 8, 16, 32) along the task's route.
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        super().__init__()
+        for n in names:
+            self.add_module(n, getattr(model, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.children():
+            x = m(x)
+        return x
+
+
+class LegoBackbone(nn.Module):
+    """A stack of lego layers with per-task controllers. Layer 0 is the stem (shared by default).
+
+    `forward(x, task)` returns one feature map per stage (NCHW) along the task's route;
+    `export_route(task)` returns the arg-max path as a state_dict of the plain timm model.
+    Subclasses build `layers` as (timm module path, units) pairs from N timm models.
     """
 
-    STEM = ("conv1", "bn1", "act1", "maxpool")
-
-    def __init__(self, name: str, tasks: Sequence[str], cfg: LegoConfig):
+    def __init__(
+        self,
+        model_name: str,
+        layers: list[tuple[str, list[nn.Module]]],
+        stage_ends: list[int],
+        feature_info: list,
+        tasks: Sequence[str],
+        cfg: LegoConfig,
+        channels_last_features: bool = False,
+    ):
         super().__init__()
-        import timm
-
-        self.name = name
+        self.name = model_name
         self.cfg = cfg
-        # N independently initialised models: their blocks are the units (same architecture).
-        models = [timm.create_model(name, pretrained=False, num_classes=0) for _ in range(cfg.num_units)]
-        shared = set(cfg.shared_layers) | ({0} if cfg.shared_stem else set())
-        self.layer_names = ["stem"]
-        layers = [
-            LegoLayer(
-                [nn.Sequential(*(getattr(m, s) for s in self.STEM)) for m in self._pick(models, 0, shared)]
-            )
-        ]
-        self.stage_ends: list[int] = []
-        for s in range(1, 5):
-            for b in range(len(getattr(models[0], f"layer{s}"))):
-                idx = len(layers)
-                layers.append(
-                    LegoLayer([getattr(m, f"layer{s}")[b] for m in self._pick(models, idx, shared)])
-                )
-                self.layer_names.append(f"layer{s}.{b}")
-            self.stage_ends.append(len(layers) - 1)
-        self.layers = nn.ModuleList(layers)
+        self.layer_names = [n for n, _ in layers]
+        self.layers = nn.ModuleList(LegoLayer(units) for _, units in layers)
+        self.stage_ends = stage_ends
+        self.feature_info = feature_info
         self.controller = GumbelController(tasks, len(layers), cfg.num_units)
-        info = models[0].feature_info[-4:]
-        from gppf.task import FeatureInfo
-
-        self.feature_info = [FeatureInfo(f["num_chs"], f["reduction"]) for f in info]
+        self.channels_last_features = channels_last_features  # Swin computes NHWC
         self.tau = cfg.tau_start
         self.generator: torch.Generator | None = None  # set per step by the trainer (reproducible)
 
     @staticmethod
-    def _pick(models: list[nn.Module], idx: int, shared: set[int]) -> list[nn.Module]:
-        return models[:1] if idx in shared else models
+    def shared_set(cfg: LegoConfig) -> set[int]:
+        return set(cfg.shared_layers) | ({0} if cfg.shared_stem else set())
 
     def forward(self, x: torch.Tensor, task: str) -> list[torch.Tensor]:
         hard = self.cfg.mode == "hard"
@@ -187,20 +204,69 @@ class LegoResNet(nn.Module):
             else:
                 x = layer(x, route[idx])
             if idx in self.stage_ends:
-                feats.append(x)
+                feats.append(x.permute(0, 3, 1, 2).contiguous() if self.channels_last_features else x)
         return feats
 
     def export_route(self, task: str) -> dict[str, torch.Tensor]:
         """The task's arg-max path as a plain state_dict of `timm.create_model(name, num_classes=0)`."""
         route = self.controller.route(task)
         state = {}
-        for idx, (lname, layer) in enumerate(zip(self.layer_names, self.layers)):
+        for idx, (prefix, layer) in enumerate(zip(self.layer_names, self.layers)):
             unit = layer.units[route[idx] if layer.num_units > 1 else 0]
             for key, value in unit.state_dict().items():
-                if lname == "stem":
-                    head, _, rest = key.partition(".")
-                    full = f"{self.STEM[int(head)]}.{rest}"
-                else:
-                    full = f"{lname}.{key}"
-                state[full] = value.detach().clone()
+                state[f"{prefix}.{key}" if prefix else key] = value.detach().clone()
         return state
+
+
+def _models(name: str, n: int, kwargs: dict | None) -> list[nn.Module]:
+    import timm
+
+    # N independently initialised models: their blocks are the units (same architecture).
+    return [timm.create_model(name, pretrained=False, num_classes=0, **(kwargs or {})) for _ in range(n)]
+
+
+class LegoResNet(LegoBackbone):
+    """timm ResNet: the stem and every residual block (layer1.0 ... layer4.2 for ResNet-50) are
+    lego layers; features are the four stage outputs (strides 4, 8, 16, 32)."""
+
+    STEM = ("conv1", "bn1", "act1", "maxpool")
+
+    def __init__(self, name: str, tasks: Sequence[str], cfg: LegoConfig, model_kwargs: dict | None = None):
+        from gppf.task import FeatureInfo
+
+        models = _models(name, cfg.num_units, model_kwargs)
+        shared = self.shared_set(cfg)
+        pick = lambda idx: models[:1] if idx in shared else models  # noqa: E731
+        layers = [("", [_Stem(m, self.STEM) for m in pick(0)])]
+        stage_ends = []
+        for s in range(1, 5):
+            for b in range(len(getattr(models[0], f"layer{s}"))):
+                layers.append((f"layer{s}.{b}", [getattr(m, f"layer{s}")[b] for m in pick(len(layers))]))
+            stage_ends.append(len(layers) - 1)
+        info = [FeatureInfo(f["num_chs"], f["reduction"]) for f in models[0].feature_info[-4:]]
+        super().__init__(name, layers, stage_ends, info, tasks, cfg)
+
+
+class LegoSwin(LegoBackbone):
+    """timm Swin Transformer: patch embedding (stem), every stage's patch merging and every block,
+    and the final norm are lego layers. Features are the four stage outputs as NCHW, the last one
+    after the final norm. LayerNorm only: no cross-task BN involved."""
+
+    def __init__(self, name: str, tasks: Sequence[str], cfg: LegoConfig, model_kwargs: dict | None = None):
+        from gppf.task import FeatureInfo
+
+        models = _models(name, cfg.num_units, model_kwargs)
+        shared = self.shared_set(cfg)
+        pick = lambda idx: models[:1] if idx in shared else models  # noqa: E731
+        layers = [("patch_embed", [m.patch_embed for m in pick(0)])]
+        stage_ends = []
+        for s, stage in enumerate(models[0].layers):
+            if any(True for _ in stage.downsample.parameters()):
+                layers.append((f"layers.{s}.downsample", [m.layers[s].downsample for m in pick(len(layers))]))
+            for b in range(len(stage.blocks)):
+                layers.append((f"layers.{s}.blocks.{b}", [m.layers[s].blocks[b] for m in pick(len(layers))]))
+            stage_ends.append(len(layers) - 1)
+        layers.append(("norm", [m.norm for m in pick(len(layers))]))
+        stage_ends[-1] = len(layers) - 1
+        info = [FeatureInfo(f["num_chs"], f["reduction"]) for f in models[0].feature_info]
+        super().__init__(name, layers, stage_ends, info, tasks, cfg, channels_last_features=True)
