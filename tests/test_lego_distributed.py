@@ -1,4 +1,4 @@
-"""3 gloo ranks follow different hard routes through the same lego layer: no hang, and BN
+"""3 gloo ranks follow different hard routes through the same lego layers: no hang, and BN
 statistics and gradients equal a single-process reference per unit."""
 
 from __future__ import annotations
@@ -90,3 +90,78 @@ def test_reference_is_not_trivially_equal():
     b = copy.deepcopy(_unit(0)).train()
     only_routed = b(torch.cat([xs[0], xs[2]]))[:3]
     assert not torch.allclose(all_three, only_routed)
+
+
+# Two stacked lego layers; every rank takes a different route: (0, 1), (1, 1), (0, 0).
+ROUTES2 = [(0, 1), (1, 1), (0, 0)]
+
+
+def _unit2(layer: int, unit: int) -> nn.Sequential:
+    torch.manual_seed(100 * layer + unit)
+    c_in = 3 if layer == 0 else 4
+    return nn.Sequential(nn.Conv2d(c_in, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).double()
+
+
+def _rank_fn_two_layers(rank: int, world: int):
+    layers = [LegoLayer([_unit2(j, 0), _unit2(j, 1)]) for j in range(2)]
+    for layer in layers:
+        CrossTaskBatchNorm2d.convert(layer)
+    x, gy = _data(rank)
+    x.requires_grad_(True)
+    h = x
+    for j, layer in enumerate(layers):
+        w = torch.zeros(2, dtype=torch.float64)
+        w[ROUTES2[rank][j]] = 1.0
+        h = layer(h, w.requires_grad_(True), hard=True)
+    (h * gy).sum().backward()
+    return {
+        "y": h.detach(),
+        "gx": x.grad,
+        "grads": {
+            f"{j}.{n}": p.grad
+            for j, m in enumerate(layers)
+            for n, p in m.named_parameters()
+            if p.grad is not None
+        },
+        "stats": {
+            f"{j}.{n}": b.clone()
+            for j, m in enumerate(layers)
+            for n, b in m.named_buffers()
+            if "running" in n
+        },
+    }
+
+
+def test_three_ranks_on_three_different_routes():
+    results = run_distributed(_rank_fn_two_layers, 3, timeout=90)
+    refs = [[_unit2(j, k).train() for k in range(2)] for j in range(2)]
+    xs, gys = zip(*[_data(r) for r in range(3)])
+    leaves = [x.clone().requires_grad_(True) for x in xs]
+    h = list(leaves)
+    for j in range(2):  # each unit runs once on the union of the batches of the ranks routed to it
+        out = [None] * 3
+        for k in range(2):
+            ranks = [r for r in range(3) if ROUTES2[r][j] == k]
+            if not ranks:
+                continue
+            y = refs[j][k](torch.cat([h[r] for r in ranks]))
+            for r, part in zip(ranks, torch.split(y, [BATCH[r] for r in ranks])):
+                out[r] = part
+        h = out
+    sum((h[r] * gys[r]).sum() for r in range(3)).backward()
+    for r in range(3):
+        torch.testing.assert_close(results[r]["y"], h[r].detach(), atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(results[r]["gx"], leaves[r].grad, atol=1e-10, rtol=1e-9)
+    for j in range(2):
+        for k in range(2):
+            ranks = [r for r in range(3) if ROUTES2[r][j] == k]
+            for name, p in refs[j][k].named_parameters():
+                key = f"{j}.units.{k}.{name}"
+                total = sum(results[r]["grads"][key] for r in ranks)
+                torch.testing.assert_close(total, p.grad, atol=1e-10, rtol=1e-9)
+            for name, b in refs[j][k].named_buffers():
+                if "running" in name:
+                    for r in range(3):
+                        torch.testing.assert_close(
+                            results[r]["stats"][f"{j}.units.{k}.{name}"], b, atol=1e-12, rtol=1e-10
+                        )
