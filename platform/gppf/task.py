@@ -7,7 +7,6 @@ to this interface, so classification, segmentation and detection plug in the sam
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -101,6 +100,3 @@ class Task:
 
     def input_key(self) -> str:
         return "image"
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "type": type(self).__name__, **dataclasses.asdict(self.cfg)}

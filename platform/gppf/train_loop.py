@@ -194,7 +194,6 @@ class SIMTWorker:
             "streams": all_streams,  # per rank: {task: {pass_idx, taken}}
             "world_size": self.world,
             "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state()[1].tolist(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
