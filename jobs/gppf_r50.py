@@ -109,6 +109,29 @@ def full_config(data_root: str) -> JobConfig:
     )
 
 
+def demo_detection_task(root: Path) -> dict:
+    """Mask R-CNN on the demo shapes: small images, so anchors start at 8 px and the head is narrow."""
+    return {
+        "type": "detection",
+        "data_root": str(root / "detection"),
+        "sampling_weight": 1.0,
+        "batch_size": 4,
+        "input_size": 128,
+        "lsj_scale": [0.5, 1.5],
+        "head": {
+            "fpn_channels": 64,
+            "conv_channels": 32,
+            "fc_channels": 256,
+            "anchor_size": 8,
+            "rpn_pre_nms_train": 512,
+            "rpn_post_nms_train": 256,
+            "rpn_pre_nms_test": 256,
+            "rpn_post_nms_test": 128,
+            "roi_batch_per_image": 64,
+        },
+    }
+
+
 def demo_config(demo_root: str) -> JobConfig:
     """The embedded default: same code path, tiny model and data, about three minutes on 2 CPUs."""
     root = Path(demo_root)

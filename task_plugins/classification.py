@@ -1,7 +1,15 @@
-"""Image classification: ImageFolder or Parquet sources, GAP + linear head, top-1/top-5."""
+"""Image classification: ImageFolder or Parquet sources, GAP + linear head, top-1/top-5.
+
+Augmentations at GPPF's ImageNet-21K settings come from timm: RandAugment (`auto_augment`, e.g.
+"rand-m9-mstd0.5-inc1") and Random Erasing (`reprob`) per image in `pre`, Mixup/CutMix with label
+smoothing (`mixup`, `cutmix`, `label_smoothing`) per batch on the worker. Per-sample randomness is
+seeded from (stream seed, sample) and per-batch randomness from (seed, step, rank), so a resumed
+run repeats them.
+"""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +44,10 @@ class ClassificationConfig(TaskConfig):
     label_column: str = "label"  # Parquet: integer class id
     label_smoothing: float = 0.0
     crop_scale_min: float = 0.35
+    auto_augment: str = ""  # timm RandAugment spec, e.g. "rand-m9-mstd0.5-inc1" ("" = off)
+    reprob: float = 0.0  # timm RandomErasing probability (mode "pixel")
+    mixup: float = 0.0  # Mixup alpha (0 = off)
+    cutmix: float = 0.0  # CutMix alpha (0 = off)
 
 
 class TopKEvaluator(Evaluator):
@@ -118,6 +130,12 @@ class ClassificationTask(Task):
                 raise FileNotFoundError(f"task {self.name!r}: {split} split directory {d} holds no images")
         if self.cfg.num_classes <= 0:
             self.cfg.num_classes = self._infer_num_classes()
+        if (self.cfg.mixup > 0 or self.cfg.cutmix > 0) and self.cfg.batch_size % 2:
+            raise ValueError(
+                f"tasks.{self.name}.batch_size must be even with Mixup/CutMix (timm pairs images)"
+            )
+        if self.cfg.auto_augment:
+            self._randaugment()  # a malformed spec fails here, on the driver, naming the task
 
     def _infer_num_classes(self) -> int:
         if self._format() == "imagefolder":
@@ -150,7 +168,25 @@ class ClassificationTask(Task):
         items = _list_imagefolder(d, classes, self.name) if d.is_dir() else []
         return DataSource(units=items, read=items_dataset)
 
+    def _randaugment(self):
+        from timm.data.auto_augment import rand_augment_transform
+
+        size = self.cfg.input_size
+        hparams = {
+            "translate_const": int(size * 0.45),
+            "img_mean": tuple(int(round(255 * m)) for m in (0.485, 0.456, 0.406)),
+        }
+        return rand_augment_transform(self.cfg.auto_augment, hparams)
+
     def preprocess(self, batch: dict[str, np.ndarray], train: bool, seed: int) -> dict[str, np.ndarray]:
+        from timm.data.random_erasing import RandomErasing
+
+        augment = self._randaugment() if train and self.cfg.auto_augment else None
+        erase = (
+            RandomErasing(self.cfg.reprob, mode="pixel", device="cpu")
+            if train and self.cfg.reprob > 0
+            else None
+        )
         size = self.cfg.input_size
         if "path" in batch:
             srcs, names = list(batch["path"]), [str(p) for p in batch["path"]]
@@ -173,15 +209,42 @@ class ClassificationTask(Task):
                 img = img.resize((size, size), Image.BILINEAR, box=box)
                 if rng.random() < 0.5:
                     img = img.transpose(Image.FLIP_LEFT_RIGHT)
+                # timm's augmentations draw from the global RNGs (Python, NumPy, torch): seed them per sample.
+                random.seed(int(rng.integers(2**62)))
+                np.random.seed(int(rng.integers(2**32)))
+                torch.manual_seed(int(rng.integers(2**62)))
+                if augment is not None:
+                    img = augment(img)
             else:
                 img = img.resize((size, size), Image.BILINEAR, box=center_crop_box(*img.size))
             images[i] = to_chw(img)
+            if erase is not None:
+                images[i] = erase(torch.from_numpy(images[i])).numpy()
         return {"image": images, "label": np.asarray(labels, dtype=np.int64)}
 
     def build_head(self, features: list[FeatureInfo]) -> nn.Module:
         return ClassificationHead(features[-1].channels, self.cfg.num_classes)
 
+    def train_batch(
+        self, batch: dict[str, torch.Tensor], rng: np.random.Generator
+    ) -> dict[str, torch.Tensor]:
+        if not (self.cfg.mixup > 0 or self.cfg.cutmix > 0):
+            return batch
+        from timm.data import Mixup
+
+        mix = Mixup(
+            mixup_alpha=self.cfg.mixup,
+            cutmix_alpha=self.cfg.cutmix,
+            label_smoothing=self.cfg.label_smoothing,
+            num_classes=self.cfg.num_classes,
+        )
+        np.random.seed(int(rng.integers(2**32)))  # timm's Mixup draws from NumPy's global RNG
+        image, target = mix(batch["image"], batch["label"])
+        return {**batch, "image": image, "target": target}
+
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "target" in batch:  # Mixup/CutMix: soft targets, label smoothing already folded in
+            return torch.sum(-batch["target"] * F.log_softmax(outputs, dim=-1), dim=-1).mean()
         return F.cross_entropy(outputs, batch["label"], label_smoothing=self.cfg.label_smoothing)
 
     def evaluator(self) -> Evaluator:

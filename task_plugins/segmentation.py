@@ -1,9 +1,10 @@
-"""Semantic segmentation: image + PNG label pairs, a light FPN-style conv head, mIoU.
+"""Semantic segmentation: image + PNG label pairs, UperNet + auxiliary FCN head, mIoU.
 
 Layout (relative to data_root, configurable): train/images/<stem>.{jpg,png} with
-train/labels/<stem>.png, and the same under val/. Label pixels are class ids, `ignore_index` (255)
-marks void. `label_map` remaps raw ids first (e.g. COCO-Stuff's sparse ids); raw ids missing from
-a non-empty map become ignore.
+train/labels/<stem>.png, and the same under val/. `train_list` / `val_list` name a text file of
+stems instead of listing the image directory (Pascal VOC's ImageSets). Label pixels are class ids,
+`ignore_index` (255) marks void. `label_map` remaps raw ids first (ADE20K's 0 = "other", COCO-Stuff's
+sparse ids); raw ids missing from a non-empty map become ignore.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from gppf.data.images import BadSampleError, open_image, random_resized_crop_box
 from gppf.data.stream import items_dataset
 from gppf.registry import register_task
 from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
+from task_plugins.upernet import UperNetWithAux
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
 
@@ -33,8 +35,14 @@ class SegmentationConfig(TaskConfig):
     train_labels: str = "train/labels"
     val_images: str = "val/images"
     val_labels: str = "val/labels"
+    train_list: str = ""  # optional: a file of image stems, one per line (relative to data_root)
+    val_list: str = ""
     label_map: dict[int, int] = field(default_factory=dict)
-    head_channels: int = 64
+    head: str = "upernet"  # "upernet" (UperNet + auxiliary FCN, GPPF §4.1) or "simple" (light FPN)
+    head_channels: int = 512  # MMSeg's UperNet width
+    aux_channels: int = 256
+    aux_weight: float = 0.4  # MMSeg's UperNet configs: auxiliary FCN loss weight 0.4
+    aux_index: int = -2  # the backbone output the auxiliary head reads: res4 of a ResNet
 
 
 def match_size(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -119,11 +127,35 @@ class SegmentationTask(Task):
         img_dir, lbl_dir = self._dirs(split)
         if not img_dir.is_dir():
             return []
+        listing = self.cfg.train_list if split == "train" else self.cfg.val_list
+        if listing:
+            return [
+                {
+                    "image": str(self._find_image(img_dir, stem, listing)),
+                    "label": str(lbl_dir / f"{stem}.png"),
+                }
+                for stem in self._read_list(listing)
+            ]
         pairs = []
         for f in sorted(img_dir.iterdir()):
             if f.suffix in IMAGE_EXTS:
                 pairs.append({"image": str(f), "label": str(lbl_dir / f"{f.stem}.png")})
         return pairs
+
+    def _read_list(self, listing: str) -> list[str]:
+        path = Path(self.cfg.data_root) / listing
+        if not path.is_file():
+            raise FileNotFoundError(f"task {self.name!r}: image list {path} does not exist")
+        # VOC's lists hold one stem per line; SBD-style lists hold "image label" path pairs.
+        return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+
+    def _find_image(self, img_dir: Path, stem: str, listing: str) -> Path:
+        for ext in IMAGE_EXTS:
+            if (img_dir / f"{stem}{ext}").is_file():
+                return img_dir / f"{stem}{ext}"
+        raise FileNotFoundError(
+            f"task {self.name!r}: {listing} names {stem!r}, but {img_dir} has no such image"
+        )
 
     def check_data(self) -> None:
         if self.cfg.num_classes <= 0:
@@ -194,16 +226,29 @@ class SegmentationTask(Task):
         return {"image": images, "mask": masks}
 
     def build_head(self, features: list[FeatureInfo]) -> nn.Module:
-        return SimpleSegHead(features, self.cfg.num_classes, self.cfg.head_channels)
+        if self.cfg.head == "upernet":
+            return UperNetWithAux(
+                features,
+                self.cfg.num_classes,
+                self.cfg.head_channels,
+                self.cfg.aux_channels,
+                self.cfg.aux_index,
+            )
+        if self.cfg.head == "simple":
+            return SimpleSegHead(features, self.cfg.num_classes, self.cfg.head_channels)
+        raise ValueError(f"tasks.{self.name}.head must be 'upernet' or 'simple', got {self.cfg.head!r}")
 
-    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        outputs = match_size(outputs, batch["mask"])
+    def _ce(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits = match_size(logits, mask)
         # Sum / valid pixels: a crop that is all void gives 0, not NaN (which would stop the run).
-        valid = (batch["mask"] != self.cfg.ignore_index).sum().clamp(min=1)
-        return (
-            F.cross_entropy(outputs, batch["mask"], ignore_index=self.cfg.ignore_index, reduction="sum")
-            / valid
-        )
+        valid = (mask != self.cfg.ignore_index).sum().clamp(min=1)
+        return F.cross_entropy(logits, mask, ignore_index=self.cfg.ignore_index, reduction="sum") / valid
+
+    def loss(self, outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if isinstance(outputs, tuple):  # UperNet in training: (main, auxiliary FCN)
+            main, aux = outputs
+            return self._ce(main, batch["mask"]) + self.cfg.aux_weight * self._ce(aux, batch["mask"])
+        return self._ce(outputs, batch["mask"])
 
     def evaluator(self) -> Evaluator:
         return MIoUEvaluator(self.cfg.num_classes, self.cfg.ignore_index)

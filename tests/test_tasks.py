@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ from gppf.model import MultiTaskModel
 from gppf.registry import _REGISTRY, build_task
 from tests.tasks_for_tests import task_entries
 
-NAMES = ["cls_folder", "cls_parquet", "seg"]
+NAMES = ["cls_folder", "cls_parquet", "cls_augs", "seg", "seg_simple", "det", "det_boxes"]
 
 
 def test_every_registered_task_has_a_test_config(tmp_path):
@@ -32,7 +33,8 @@ def test_task_trains_one_step_and_evaluates(name, demo_root, ray_session):
     stream = TaskStream(task, seed=0, rank=0, world=1, cfg=StreamConfig(min_rows_per_pass=16))
     batch, _ = stream.next()
     assert batch["image"].shape == (task.cfg.batch_size, 3, task.cfg.input_size, task.cfg.input_size)
-    out, tie = model(batch["image"], name)
+    batch = task.train_batch(batch, np.random.default_rng(0))
+    out, tie = model(batch["image"], name, batch)
     loss = task.loss(out, batch)
     assert math.isfinite(loss.item())
     (loss + tie).backward()
@@ -45,6 +47,7 @@ def test_task_trains_one_step_and_evaluates(name, demo_root, ray_session):
     ev = task.evaluator()
     with torch.no_grad():
         for b in eval_batches(task, 0, 1):
-            ev.update(model(b["image"], name)[0], b)
+            ev.update(model(b["image"], name, b)[0], b)
+    ev.synchronize(torch.device("cpu"))
     metrics = ev.compute()
     assert ev.primary in metrics and 0.0 <= metrics[ev.primary] <= 100.0

@@ -3,6 +3,8 @@
 - `classification/` : ImageFolder (train/<class>/*.png, val/<class>/*.png), images of varying size
 - `classification_parquet/` : the same kind of data as Parquet shards (image bytes + label)
 - `segmentation/` : {train,val}/images/*.jpg + {train,val}/labels/*.png, ignore index 255
+- `detection/` : COCO layout (train2017/, val2017/, annotations/instances_{train,val}2017.json) with
+  boxes and polygon masks of discs, squares and triangles (category ids 1, 2, 4: not contiguous)
 
 Each class is a coloured shape on a noisy background, so a small network measurably improves on
 it within a few hundred steps, but not trivially at step 0.
@@ -23,7 +25,8 @@ SEG_CLASSES = ("background", "disc", "square", "triangle")
 # Each class has its own colour (jittered) as well as its shape: a network trained from scratch
 # picks up colour within a few hundred steps and shape later, so progress is measurable early.
 PALETTE = ((220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 210, 30))
-VERSION = 2
+VERSION = 3
+DET_CATEGORIES = ((1, "disc"), (2, "square"), (4, "triangle"))
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
@@ -38,6 +41,20 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
         h = max(2, (y1 - y0) // 4)
         cy = (y0 + y1) // 2
         draw.rectangle((x0, cy - h, x1, cy + h), fill=fill)
+
+
+def shape_polygon(shape: str, box: tuple[int, int, int, int]) -> list[float]:
+    """The outline drawn for `shape` in `box`, as a flat COCO polygon [x0, y0, x1, y1, ...]."""
+    x0, y0, x1, y1 = box
+    if shape == "disc":
+        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+        t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+        pts = np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], 1)
+    elif shape == "square":
+        pts = np.array([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], dtype=float)
+    else:
+        pts = np.array([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], dtype=float)
+    return [round(float(v), 2) for v in pts.flatten()]
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> Image.Image:
@@ -76,6 +93,66 @@ def segmentation_pair(rng: np.random.Generator) -> tuple[Image.Image, Image.Imag
     arr[:1, :] = 255
     arr[-1:, :] = 255
     return img, Image.fromarray(arr)
+
+
+def detection_image(rng: np.random.Generator, image_id: int, ann_id: int) -> tuple[Image.Image, list[dict]]:
+    """2-4 non-overlapping coloured shapes; annotations carry polygon, box and area."""
+    from pycocotools import mask as mask_utils
+
+    h, w = (int(v) for v in rng.integers(96, 144, size=2))
+    img = _background(rng, h, w)
+    draw = ImageDraw.Draw(img)
+    boxes: list[tuple[int, int, int, int]] = []
+    anns = []
+    for _ in range(int(rng.integers(2, 5))):
+        for _try in range(20):
+            s = int(rng.integers(18, 52))
+            x0, y0 = int(rng.integers(0, w - s)), int(rng.integers(0, h - s))
+            box = (x0, y0, x0 + s, y0 + s)
+            if all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for b in boxes):
+                break
+        else:
+            continue
+        boxes.append(box)
+        k = int(rng.integers(0, len(DET_CATEGORIES)))
+        cat_id, shape = DET_CATEGORIES[k]
+        colour = np.clip(np.array(PALETTE[k]) + rng.integers(-40, 41, size=3), 0, 255)
+        poly = shape_polygon(shape, box)
+        draw.polygon(list(zip(poly[::2], poly[1::2])), fill=tuple(int(c) for c in colour))
+        rle = mask_utils.merge(mask_utils.frPyObjects([poly], h, w))
+        x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
+        anns.append(
+            {
+                "id": ann_id + len(anns),
+                "image_id": image_id,
+                "category_id": cat_id,
+                "segmentation": [poly],
+                "area": float(mask_utils.area(rle)),
+                "bbox": [x, y, bw, bh],
+                "iscrowd": 0,
+            }
+        )
+    return img, anns
+
+
+def write_detection(root: Path, n_train: int, n_val: int, seed: int) -> None:
+    rng = np.random.default_rng([seed, 4])
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    ann_id = 1
+    for split, n in (("train2017", n_train), ("val2017", n_val)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        images, anns = [], []
+        for i in range(n):
+            image_id = 1000 + i  # not 0-based: ids are keys, not positions
+            img, a = detection_image(rng, image_id, ann_id)
+            ann_id += len(a)
+            name = f"{image_id:012d}.jpg"
+            img.save(root / split / name, quality=95)
+            images.append({"id": image_id, "file_name": name, "height": img.height, "width": img.width})
+            anns.extend(a)
+        cats = [{"id": c, "name": n, "supercategory": "shape"} for c, n in DET_CATEGORIES]
+        doc = {"images": images, "annotations": anns, "categories": cats}
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
 
 
 def write_classification(root: Path, n_train: int, n_val: int, seed: int) -> None:
@@ -136,6 +213,7 @@ def generate(root: str | Path, n_train: int = 400, n_val: int = 100, seed: int =
     write_classification(root / "classification", n_train, n_val, seed)
     write_classification_parquet(root / "classification_parquet", n_train, n_val, seed)
     write_segmentation(root / "segmentation", n_train, n_val, seed)
+    write_detection(root / "detection", n_train, n_val, seed)
     stamp.write_text(json.dumps(meta))
     return root
 

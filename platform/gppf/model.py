@@ -16,8 +16,12 @@ class MultiTaskModel(nn.Module):
         self.backbone = backbone
         self.heads = nn.ModuleDict({t.name: t.build_head(backbone.feature_info) for t in tasks})
 
-    def forward(self, x: torch.Tensor, task: str) -> tuple[Any, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, task: str, batch: dict[str, torch.Tensor] | None = None
+    ) -> tuple[Any, torch.Tensor]:
         """Returns (head outputs, a zero scalar tied to every backbone output).
+
+        Heads with `takes_batch = True` (detection: targets and image sizes) also get the batch.
 
         Add the zero to the loss: a head that ignores some backbone outputs (a classifier reads only
         the last) must still send a gradient through every backbone BN, because cross-task BN's
@@ -25,4 +29,7 @@ class MultiTaskModel(nn.Module):
         """
         feats = self.backbone(x, task)
         tie = sum(f.sum() for f in feats) * 0.0
-        return self.heads[task](feats), tie
+        head = self.heads[task]
+        if getattr(head, "takes_batch", False):
+            return head(feats, batch), tie
+        return head(feats), tie

@@ -20,10 +20,6 @@ from gppf.task import Task
 ENTRY_POINT_GROUP = "gppf.tasks"
 
 _REGISTRY: dict[str, type[Task]] = {}
-# Task types a job may name that a later release implements; refused with this message.
-PLANNED: dict[str, str] = {
-    "detection": "detection / instance segmentation (Faster/Mask R-CNN) is not implemented yet",
-}
 
 
 class TaskRegistryError(KeyError):
@@ -74,8 +70,6 @@ def get_task_class(name: str) -> type[Task]:
     cls = _load_entry_point(name)
     if cls is not None:
         return cls
-    if name in PLANNED:
-        raise TaskRegistryError(f"task type {name!r}: {PLANNED[name]}")
     raise TaskRegistryError(f"unknown task type {name!r}; registered task types: {', '.join(available())}")
 
 

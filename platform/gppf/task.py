@@ -50,7 +50,10 @@ class DataSource:
 
 
 class Evaluator:
-    """Accumulates a metric over batches; `state()` is a float vector that all-reduces by sum."""
+    """Accumulates a metric over batches; `state()` is a float vector that all-reduces by sum.
+
+    Metrics that do not decompose into sums (COCO AP) override `synchronize` instead.
+    """
 
     primary: ClassVar[str] = "metric"
 
@@ -62,6 +65,15 @@ class Evaluator:
 
     def load_state(self, state: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def synchronize(self, device: torch.device) -> None:
+        """Combine the workers' partial results (a collective: every rank calls it)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            state = self.state().to(device, torch.float64)
+            dist.all_reduce(state)
+            self.load_state(state.cpu())
 
     def compute(self) -> dict[str, float]:
         raise NotImplementedError
@@ -97,6 +109,13 @@ class Task:
 
     def evaluator(self) -> Evaluator:
         raise NotImplementedError
+
+    def train_batch(
+        self, batch: dict[str, torch.Tensor], rng: np.random.Generator
+    ) -> dict[str, torch.Tensor]:
+        """Batch-level augmentation on the worker, before the forward pass (Mixup/CutMix).
+        `rng` is a pure function of (seed, step, rank), so resumed runs repeat it."""
+        return batch
 
     def input_key(self) -> str:
         return "image"

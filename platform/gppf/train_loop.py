@@ -102,11 +102,14 @@ class SIMTWorker:
         task = self.tasks[ti]
         batch, wait = self.stream(task).next()
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch = task.train_batch(
+            batch, np.random.default_rng([self.cfg.train.seed, self.step, self.rank, 11])
+        )
         self.model.train()
         if self.controller is not None:
             self._set_routing(self.step)
         with self.autocast():
-            out, tie = self.model(batch[task.input_key()], task.name)
+            out, tie = self.model(batch[task.input_key()], task.name, batch)
             loss = task.loss(out, batch) * task.cfg.loss_weight
         (self.scaler.scale(loss + tie) if self.scaler else loss + tie).backward()
 
@@ -167,12 +170,9 @@ class SIMTWorker:
             for batch in eval_batches(task, self.rank, self.world, self.cfg.data, max_batches):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with self.autocast():
-                    out, _ = self.model(batch[task.input_key()], task.name)
+                    out, _ = self.model(batch[task.input_key()], task.name, batch)
                 ev.update(out.float() if torch.is_tensor(out) else out, batch)
-            state = ev.state().to(self.device, torch.float64)
-            if self.world > 1:
-                dist.all_reduce(state)
-            ev.load_state(state.cpu())
+            ev.synchronize(self.device)
             results[task.name] = ev.compute()
         self.model.train()
         return results

@@ -1,0 +1,125 @@
+"""COCO box and mask AP: detections in COCO's result format, scored by pycocotools' COCOeval."""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+from gppf.task import Evaluator
+
+
+def detections_to_coco(
+    det: dict[str, torch.Tensor],
+    image_id: int,
+    scale: float,
+    orig_hw: tuple[int, int],
+    label_to_category: list[int],
+) -> list[dict[str, Any]]:
+    """One image's detections (input pixels, 0-based labels) as COCO results in original pixels."""
+    boxes = det["boxes"].float().cpu() / scale
+    h, w = orig_hw
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    scores = det["scores"].float().cpu().tolist()
+    labels = det["labels"].cpu().tolist()
+    rles = None
+    if "masks" in det and len(boxes):
+        # Paste the 28x28 mask probabilities straight into the original image: no resize of a
+        # binarised mask, so mask AP is not blurred by the input scaling.
+        pasted = paste_masks_in_image(det["masks"].float().cpu(), boxes, (h, w))[:, 0] > 0.5
+        rles = mask_utils.encode(np.asfortranarray(pasted.numpy().astype(np.uint8).transpose(1, 2, 0)))
+    out = []
+    for k, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        r = {
+            "image_id": int(image_id),
+            "category_id": int(label_to_category[labels[k]]),
+            "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "score": float(scores[k]),
+        }
+        if rles is not None:
+            r["segmentation"] = {"size": rles[k]["size"], "counts": rles[k]["counts"].decode("ascii")}
+        out.append(r)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence pycocotools' prints. (Swapping `print` rather than stdout: Ray Train patches
+    `print` to also log each line, which a stdout redirect would not catch.)"""
+    saved = builtins.print
+    builtins.print = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        builtins.print = saved
+
+
+def coco_ap(gt: dict, results: list[dict], iou_types: tuple[str, ...]) -> dict[str, float]:
+    """COCOeval's AP and AP50 (in %) for each IoU type; 0 when there are no detections."""
+    out: dict[str, float] = {}
+    prefix = {"bbox": "box", "segm": "mask"}
+    with _quiet():  # COCOeval prints its whole summary
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(results) if results else None
+        for iou_type in iou_types:
+            if coco_dt is None:
+                stats = np.zeros(12)
+            else:
+                ev = COCOeval(coco_gt, coco_dt, iou_type)
+                ev.evaluate()
+                ev.accumulate()
+                ev.summarize()
+                stats = ev.stats
+            out[f"{prefix[iou_type]}_AP"] = 100.0 * max(0.0, float(stats[0]))
+            out[f"{prefix[iou_type]}_AP50"] = 100.0 * max(0.0, float(stats[1]))
+    return out
+
+
+class CocoEvaluator(Evaluator):
+    """Collects every worker's detections, then rank 0 runs COCOeval and shares the numbers."""
+
+    primary = "box_AP"
+
+    def __init__(self, gt: dict, label_to_category: list[int], masks: bool):
+        self.gt = gt
+        self.label_to_category = label_to_category
+        self.iou_types = ("bbox", "segm") if masks else ("bbox",)
+        self.results: list[dict] = []
+        self.metrics: dict[str, float] | None = None
+
+    def update(self, outputs: list[dict[str, torch.Tensor]], batch: dict[str, torch.Tensor]) -> None:
+        for i, det in enumerate(outputs):
+            h, w = (int(v) for v in batch["orig_size"][i].tolist())
+            self.results.extend(
+                detections_to_coco(
+                    det, int(batch["image_id"][i]), float(batch["scale"][i]), (h, w), self.label_to_category
+                )
+            )
+
+    def synchronize(self, device: torch.device) -> None:
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, self.results)
+        self.results = [r for part in gathered for r in part]
+        # One rank evaluates (COCOeval of a large split takes minutes), the others receive it.
+        box = [coco_ap(self.gt, self.results, self.iou_types) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        self.metrics = box[0]
+
+    def compute(self) -> dict[str, float]:
+        if self.metrics is None:
+            self.metrics = coco_ap(self.gt, self.results, self.iou_types)
+        return self.metrics

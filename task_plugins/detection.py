@@ -1,0 +1,284 @@
+"""Object detection and instance segmentation on COCO-format data (COCO, LVIS, Objects365, Open Images).
+
+`pre`: large-scale jitter (torchvision transforms v2 `ScaleJitter` + `RandomCrop`) to a square
+`input_size`, horizontal flip and copy-paste between the images of a batch (Ghiasi et al.; not in
+torchvision's library, so `copy_paste` below). `net`: FPN + Faster/Mask R-CNN heads (task_plugins.rcnn).
+`loss`: torchvision's RPN and RoI losses, summed. Metric: COCO box / mask AP by pycocotools.
+
+Layout (relative to data_root, COCO's by default): `train_images`/, `val_images`/ and the two
+annotation files. Boxes only (Objects365, Open Images): `masks: false` gives Faster R-CNN.
+
+Batches carry fixed-shape arrays so they travel through Ray Data like any other task's:
+instances are padded to `max_instances` (label -1) and masks are bit-packed (input_size² / 8 bytes
+per instance).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torch import nn
+from torchvision import tv_tensors
+from torchvision.ops import masks_to_boxes
+from torchvision.transforms import v2
+
+from gppf.data.images import IMAGENET_MEAN, IMAGENET_STD, BadSampleError, open_image, sample_rng
+from gppf.data.stream import items_dataset
+from gppf.registry import register_task
+from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
+from task_plugins.coco_data import CocoIndex, load_coco
+from task_plugins.coco_eval import CocoEvaluator
+from task_plugins.rcnn import RCNNConfig, RCNNHead
+
+
+@dataclass
+class DetectionConfig(TaskConfig):
+    input_size: int = 1024  # LSJ output (square); a multiple of 32
+    train_images: str = "train2017"
+    train_annotations: str = "annotations/instances_train2017.json"
+    val_images: str = "val2017"
+    val_annotations: str = "annotations/instances_val2017.json"
+    image_key: str = "file_name"  # LVIS: "coco_url" (the file is the URL's last component)
+    masks: bool = True  # Mask R-CNN; false: Faster R-CNN (box-only datasets)
+    max_instances: int = 100  # per training image after augmentation; more are dropped at random
+    lsj_scale: tuple[float, float] = (0.1, 2.0)
+    copy_paste: float = 0.5  # probability that an image receives the objects of another (masks only)
+    head: RCNNConfig = field(default_factory=RCNNConfig)
+
+
+_MEAN = torch.from_numpy(IMAGENET_MEAN)[:, None, None]
+_STD = torch.from_numpy(IMAGENET_STD)[:, None, None]
+
+
+def decode_mask(seg: Any, h: int, w: int) -> np.ndarray:
+    """A COCO segmentation (polygons, or compressed or uncompressed RLE) as an [h, w] uint8 mask."""
+    if isinstance(seg, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    elif isinstance(seg["counts"], list):
+        rle = mask_utils.frPyObjects(seg, h, w)
+    else:
+        rle = {
+            "size": seg["size"],
+            "counts": seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"],
+        }
+    return mask_utils.decode(rle)
+
+
+def copy_paste(
+    images: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    labels: list[torch.Tensor],
+    p: float,
+    rng: np.random.Generator,
+) -> None:
+    """Simple copy-paste within a batch (in place): image i receives a random subset of image
+    i+1's objects with probability p; covered parts of its own masks are removed."""
+    n = len(images)
+    if n < 2:
+        return
+    src = [(m.clone(), lab.clone(), img.clone()) for img, m, lab in zip(images, masks, labels)]
+    for i in range(n):
+        m_src, l_src, img_src = src[(i + 1) % n]
+        if rng.random() >= p or len(l_src) == 0:
+            continue
+        pick = torch.from_numpy(rng.random(len(l_src)) < 0.5)
+        if not pick.any():
+            pick[int(rng.integers(len(l_src)))] = True
+        pasted = m_src[pick].bool()
+        cover = pasted.any(0)
+        images[i] = torch.where(cover, img_src, images[i])
+        masks[i] = torch.cat([masks[i] * (~cover), pasted.to(masks[i].dtype)])
+        labels[i] = torch.cat([labels[i], l_src[pick]])
+
+
+@register_task("detection")
+class DetectionTask(Task):
+    config_cls = DetectionConfig
+    cfg: DetectionConfig
+
+    def __init__(self, name: str, cfg: DetectionConfig):
+        super().__init__(name, cfg)
+        self._index: dict[str, CocoIndex] = {}
+
+    def __getstate__(self) -> dict:  # Ray ships the task to every decode task: not the index
+        return {**self.__dict__, "_index": {}}
+
+    def index(self, split: str) -> CocoIndex:
+        if split not in self._index:
+            root = Path(self.cfg.data_root)
+            ann = self.cfg.train_annotations if split == "train" else self.cfg.val_annotations
+            images = self.cfg.train_images if split == "train" else self.cfg.val_images
+            self._index[split] = load_coco(
+                root / ann, root / images, self.name, self.cfg.image_key, self.cfg.masks
+            )
+        return self._index[split]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.index("train").categories)
+
+    # -- data -----------------------------------------------------------------------------
+    def check_data(self) -> None:
+        if self.cfg.input_size % 32:
+            raise ValueError(
+                f"tasks.{self.name}.input_size must be a multiple of 32, got {self.cfg.input_size}"
+            )
+        root = Path(self.cfg.data_root)
+        for split, images in (("train", self.cfg.train_images), ("val", self.cfg.val_images)):
+            if not (root / images).is_dir():
+                raise FileNotFoundError(
+                    f"task {self.name!r}: {split} image directory {root / images} does not exist"
+                )
+            idx = self.index(split)
+            for img in idx.images:
+                if not Path(img["path"]).is_file():
+                    raise FileNotFoundError(
+                        f"task {self.name!r}: image id {img['image_id']} of the {split} annotations has no "
+                        f"file {img['path']}"
+                    )
+        train_ids = [c["id"] for c in self.index("train").categories]
+        val_ids = [c["id"] for c in self.index("val").categories]
+        if train_ids != val_ids:
+            raise ValueError(
+                f"task {self.name!r}: train and val annotation files declare different categories"
+            )
+
+    def source(self, split: str) -> DataSource:
+        units = [
+            {
+                "path": img["path"],
+                "image_id": img["image_id"],
+                "height": img["height"],
+                "width": img["width"],
+                "anns": json.dumps(img["anns"]),  # ragged: one string column keeps Arrow simple
+            }
+            for img in self.index(split).images
+        ]
+        return DataSource(units=units, read=items_dataset)
+
+    def _load(self, batch: dict[str, np.ndarray], i: int) -> tuple[torch.Tensor, list]:
+        path = str(batch["path"][i])
+        img = open_image(path, self.name, f"image {path}")
+        h, w = int(batch["height"][i]), int(batch["width"][i])
+        if img.size != (w, h):
+            raise BadSampleError(
+                f"task {self.name!r}: image {path} is {img.size[0]}x{img.size[1]} but its annotation "
+                f"record (id {int(batch['image_id'][i])}) says {w}x{h}"
+            )
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1), json.loads(str(batch["anns"][i]))
+
+    def preprocess(self, batch: dict[str, np.ndarray], train: bool, seed: int) -> dict[str, np.ndarray]:
+        return self._train_batch(batch, seed) if train else self._eval_batch(batch)
+
+    def _train_batch(self, batch: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+        s, n = self.cfg.input_size, len(batch["path"])
+        lsj = v2.Compose(
+            [
+                v2.ScaleJitter((s, s), scale_range=tuple(self.cfg.lsj_scale)),
+                v2.RandomCrop((s, s), pad_if_needed=True),
+                v2.RandomHorizontalFlip(),
+            ]
+        )
+        images, masks, labels, boxes = [], [], [], []
+        for i in range(n):
+            img, anns = self._load(batch, i)
+            h, w = img.shape[-2:]
+            rng = sample_rng(seed, str(batch["path"][i]))
+            torch.manual_seed(int(rng.integers(2**62)))  # v2 transforms draw from torch's global RNG
+            sample = {
+                "image": tv_tensors.Image(img),
+                "boxes": tv_tensors.BoundingBoxes(
+                    torch.tensor([a[:4] for a in anns], dtype=torch.float32).reshape(-1, 4),
+                    format="XYXY",
+                    canvas_size=(h, w),
+                ),
+                "labels": torch.tensor([a[4] for a in anns], dtype=torch.int64),
+            }
+            if self.cfg.masks:
+                m = [decode_mask(a[5], h, w) for a in anns]
+                sample["masks"] = tv_tensors.Mask(
+                    torch.from_numpy(np.stack(m)) if m else torch.zeros(0, h, w, dtype=torch.uint8)
+                )
+            out = lsj(sample)
+            images.append(out["image"].as_subclass(torch.Tensor))
+            labels.append(out["labels"])
+            boxes.append(out["boxes"].as_subclass(torch.Tensor))
+            if self.cfg.masks:
+                masks.append(out["masks"].as_subclass(torch.Tensor))
+        if self.cfg.masks:
+            copy_paste(
+                images, masks, labels, self.cfg.copy_paste, sample_rng(seed, str(batch["path"][0]) + "cp")
+            )
+            # Boxes from the (cropped, occluded) masks: tight, as detectron2's LSJ recomputes them.
+            for i in range(n):
+                keep = masks[i].flatten(1).sum(1) > 0
+                masks[i], labels[i] = masks[i][keep], labels[i][keep]
+                boxes[i] = (
+                    masks_to_boxes(masks[i]) + torch.tensor([0.0, 0.0, 1.0, 1.0])
+                    if len(labels[i])
+                    else torch.zeros(0, 4)
+                )
+        return self._pack(images, boxes, labels, masks, batch, seed)
+
+    def _pack(self, images, boxes, labels, masks, batch, seed) -> dict[str, np.ndarray]:
+        s, n, m_max = self.cfg.input_size, len(images), self.cfg.max_instances
+        out = {
+            "image": np.empty((n, 3, s, s), dtype=np.float32),
+            "boxes": np.zeros((n, m_max, 4), dtype=np.float32),
+            "labels": np.full((n, m_max), -1, dtype=np.int64),
+            "size": np.full((n, 2), s, dtype=np.int64),
+        }
+        if self.cfg.masks:
+            out["masks"] = np.zeros((n, m_max, s * s // 8), dtype=np.uint8)
+        for i in range(n):
+            out["image"][i] = ((images[i].float() / 255.0 - _MEAN) / _STD).numpy()
+            b = boxes[i]
+            wh = b[:, 2:] - b[:, :2]
+            keep = torch.nonzero((wh >= 1).all(1)).flatten()
+            if len(keep) > m_max:  # documented: extra instances dropped at random
+                rng = sample_rng(seed, str(batch["path"][i]) + "drop")
+                keep = keep[torch.from_numpy(np.sort(rng.permutation(len(keep))[:m_max]))]
+            k = len(keep)
+            out["boxes"][i, :k] = b[keep].numpy()
+            out["labels"][i, :k] = labels[i][keep].numpy()
+            if self.cfg.masks:
+                out["masks"][i, :k] = np.packbits(masks[i][keep].numpy().astype(bool).reshape(k, -1), axis=1)
+        return out
+
+    def _eval_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        s, n = self.cfg.input_size, len(batch["path"])
+        out = {
+            "image": np.zeros((n, 3, s, s), dtype=np.float32),
+            "size": np.zeros((n, 2), dtype=np.int64),
+            "scale": np.zeros(n, dtype=np.float32),
+            "image_id": np.asarray(batch["image_id"], dtype=np.int64),
+            "orig_size": np.zeros((n, 2), dtype=np.int64),
+        }
+        for i in range(n):
+            img, _ = self._load(batch, i)
+            h, w = img.shape[-2:]
+            scale = s / max(h, w)  # longer side to input_size, then pad: the LSJ evaluation setting
+            nh, nw = min(s, round(h * scale)), min(s, round(w * scale))
+            img = v2.functional.resize(img, [nh, nw], antialias=True)
+            out["image"][i, :, :nh, :nw] = ((img.float() / 255.0 - _MEAN) / _STD).numpy()
+            out["size"][i] = (nh, nw)
+            out["scale"][i] = scale
+            out["orig_size"][i] = (h, w)
+        return out
+
+    # -- model ----------------------------------------------------------------------------
+    def build_head(self, features: list[FeatureInfo]) -> nn.Module:
+        return RCNNHead(features, self.num_classes, self.cfg.masks, self.cfg.head)
+
+    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(outputs.values())
+
+    def evaluator(self) -> Evaluator:
+        idx = self.index("val")
+        return CocoEvaluator(idx.gt, idx.label_to_category, self.cfg.masks)

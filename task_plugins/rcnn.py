@@ -1,0 +1,133 @@
+"""Faster / Mask R-CNN with FPN on top of the platform backbone, assembled from torchvision's parts.
+
+GPPF §4.1 / App. D.1: FPN, RPN, and box and mask heads with four conv layers before the predictors
+(torchvision's "v2" heads). All normalisation in the head is GroupNorm: ranks run different heads,
+so the head may not use cross-task BN, and the per-GPU batch of 2-12 images is too small for BN.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from gppf.task import FeatureInfo
+
+
+@dataclass
+class RCNNConfig:
+    """Sizes of the head; the defaults are torchvision's Mask R-CNN v2 (for 1024-pixel inputs)."""
+
+    fpn_channels: int = 256
+    conv_channels: int = 256  # the four convs of the box and the mask head
+    fc_channels: int = 1024
+    anchor_size: int = 32  # anchors of the finest FPN level; each coarser level doubles it
+    rpn_pre_nms_train: int = 2000
+    rpn_post_nms_train: int = 2000
+    rpn_pre_nms_test: int = 1000
+    rpn_post_nms_test: int = 1000
+    rpn_batch_per_image: int = 256
+    roi_batch_per_image: int = 512
+    score_thresh: float = 0.05
+    detections_per_image: int = 100
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, max(1, channels // 4)), channels)
+
+
+def unpack_masks(packed: torch.Tensor, size: int) -> torch.Tensor:
+    """[..., size*size/8] uint8 from np.packbits -> [..., size, size] uint8 in {0, 1}."""
+    shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.uint8)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(*packed.shape[:-1], size, size)
+
+
+class RCNNHead(nn.Module):
+    """FPN + RPN + RoI heads. Training: `forward(feats, batch)` returns the loss dict; evaluation:
+    one dict per image with boxes (input pixels), labels (0-based), scores and masks (28x28 probs)."""
+
+    takes_batch = True  # MultiTaskModel passes the batch: targets and image sizes live there
+
+    def __init__(self, features: list[FeatureInfo], num_classes: int, masks: bool, cfg: RCNNConfig):
+        super().__init__()
+        c = cfg.fpn_channels
+        self.fpn = FeaturePyramidNetwork(
+            [f.channels for f in features], c, extra_blocks=LastLevelMaxPool(), norm_layer=group_norm
+        )
+        levels = len(features) + 1
+        anchors = AnchorGenerator(
+            tuple((cfg.anchor_size * 2**i,) for i in range(levels)), ((0.5, 1.0, 2.0),) * levels
+        )
+        self.rpn = RegionProposalNetwork(
+            anchors,
+            RPNHead(c, anchors.num_anchors_per_location()[0], conv_depth=2),
+            fg_iou_thresh=0.7,
+            bg_iou_thresh=0.3,
+            batch_size_per_image=cfg.rpn_batch_per_image,
+            positive_fraction=0.5,
+            pre_nms_top_n={"training": cfg.rpn_pre_nms_train, "testing": cfg.rpn_pre_nms_test},
+            post_nms_top_n={"training": cfg.rpn_post_nms_train, "testing": cfg.rpn_post_nms_test},
+            nms_thresh=0.7,
+        )
+        names = [str(i) for i in range(len(features))]
+        box_head = FastRCNNConvFCHead(
+            (c, 7, 7), [cfg.conv_channels] * 4, [cfg.fc_channels], norm_layer=group_norm
+        )
+        mask_kwargs = {}
+        if masks:
+            mask_kwargs = {
+                "mask_roi_pool": MultiScaleRoIAlign(names, 14, 2),
+                "mask_head": MaskRCNNHeads(c, [cfg.conv_channels] * 4, 1, norm_layer=group_norm),
+                "mask_predictor": MaskRCNNPredictor(cfg.conv_channels, cfg.conv_channels, num_classes + 1),
+            }
+        self.roi_heads = RoIHeads(
+            MultiScaleRoIAlign(names, 7, 2),
+            box_head,
+            FastRCNNPredictor(cfg.fc_channels, num_classes + 1),
+            fg_iou_thresh=0.5,
+            bg_iou_thresh=0.5,
+            batch_size_per_image=cfg.roi_batch_per_image,
+            positive_fraction=0.25,
+            bbox_reg_weights=None,
+            score_thresh=cfg.score_thresh,
+            nms_thresh=0.5,
+            detections_per_img=cfg.detections_per_image,
+            **mask_kwargs,
+        )
+        self.masks = masks
+
+    def targets(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Padded batch arrays -> torchvision's per-image target dicts (labels 1-based)."""
+        out = []
+        size = batch["image"].shape[-1]
+        for i in range(batch["labels"].shape[0]):
+            keep = batch["labels"][i] >= 0
+            t = {"boxes": batch["boxes"][i][keep].float(), "labels": batch["labels"][i][keep] + 1}
+            if self.masks:
+                t["masks"] = unpack_masks(batch["masks"][i][keep], size)
+            out.append(t)
+        return out
+
+    def forward(self, feats: list[torch.Tensor], batch: dict[str, torch.Tensor]):
+        pyramid = self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+        sizes = [(int(h), int(w)) for h, w in batch["size"].tolist()]
+        images = ImageList(batch["image"], sizes)
+        targets = self.targets(batch) if self.training else None
+        proposals, rpn_losses = self.rpn(images, pyramid, targets)
+        detections, roi_losses = self.roi_heads(pyramid, proposals, sizes, targets)
+        if self.training:
+            return {**rpn_losses, **roi_losses}
+        for d in detections:
+            d["labels"] = d["labels"] - 1
+        return detections
