@@ -33,9 +33,28 @@ from gppf.job_config import JobConfig, OptimConfig, ScalingConfig, TrainConfig  
 from gppf.lego import LegoConfig  # noqa: E402
 
 
+# COCO-Stuff 164k label PNGs hold 0-based ids 0..181 (255 = unlabeled); these 11 COCO thing ids
+# are unused, and the other 171 map to contiguous classes (as MMSegmentation's conversion does).
+COCO_STUFF_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
+COCO_STUFF_MAP = {raw: i for i, raw in enumerate(r for r in range(182) if r not in COCO_STUFF_UNUSED)}
+
+
 def full_config(data_root: str) -> JobConfig:
+    """The eight datasets of GPPF App. D.1, each in its own release's on-disk layout under data_root:
+
+    imagenet21k/{train,val}/<wnid>/*.JPEG          (or */*.parquet; IN-21K has no official val:
+                                                    hold some images out)
+    coco/{train2017,val2017}/*.jpg, coco/annotations/instances_{train,val}2017.json
+    lvis/lvis_v1_{train,val}.json                  (images: coco/train2017, coco/val2017 via coco_url)
+    objects365/{train,val}/..., objects365/annotations/zhiyuan_objv2_{train,val}.json
+    openimages/{train,validation}/<ImageID>.jpg,
+    openimages/annotations/openimages_{train,val}_bbox.json   (made by task_plugins.openimages_to_coco)
+    ADEChallengeData2016/{images,annotations}/{training,validation}/
+    coco_stuff/images/{train2017,val2017}/*.jpg, coco_stuff/annotations/{train2017,val2017}/*.png
+    VOCdevkit/VOC2012/{JPEGImages,SegmentationClassAug}, .../ImageSets/Segmentation/{train_aug,val}.txt
+    """
     root = Path(data_root)
-    det = {"type": "detection"}  # refused with a clear message until detection lands
+    coco_layout = {"type": "detection", "sampling_weight": 2.5, "batch_size": 8}
     return JobConfig(
         name="gppf_r50",
         tasks={
@@ -45,25 +64,49 @@ def full_config(data_root: str) -> JobConfig:
                 "sampling_weight": 4.0,
                 "batch_size": 96,
                 "input_size": 224,
+                # GPPF's classification recipe (timm): RandAugment, Random Erasing, Mixup, CutMix.
+                "auto_augment": "rand-m9-mstd0.5-inc1",
+                "reprob": 0.25,
+                "mixup": 0.8,
+                "cutmix": 1.0,
                 "label_smoothing": 0.1,
+                "crop_scale_min": 0.08,
             },
-            "coco": {**det, "data_root": str(root / "coco"), "sampling_weight": 2.5, "batch_size": 8},
-            "lvis": {**det, "data_root": str(root / "lvis"), "sampling_weight": 2.5, "batch_size": 8},
+            "coco": {**coco_layout, "data_root": str(root / "coco")},
+            "lvis": {
+                **coco_layout,
+                "data_root": str(root),
+                "train_images": "coco",  # LVIS names images by coco_url: <split>/<file> under coco/
+                "val_images": "coco",
+                "train_annotations": "lvis/lvis_v1_train.json",
+                "val_annotations": "lvis/lvis_v1_val.json",
+                "image_key": "coco_url",
+            },
             "objects365": {
-                **det,
+                "type": "detection",
                 "data_root": str(root / "objects365"),
                 "sampling_weight": 4.0,
                 "batch_size": 12,
+                "masks": False,
+                "train_images": "train",
+                "val_images": "val",
+                "train_annotations": "annotations/zhiyuan_objv2_train.json",
+                "val_annotations": "annotations/zhiyuan_objv2_val.json",
             },
             "openimages": {
-                **det,
+                "type": "detection",
                 "data_root": str(root / "openimages"),
                 "sampling_weight": 4.0,
                 "batch_size": 12,
+                "masks": False,
+                "train_images": "train",
+                "val_images": "validation",
+                "train_annotations": "annotations/openimages_train_bbox.json",
+                "val_annotations": "annotations/openimages_val_bbox.json",
             },
             "ade20k": {
                 "type": "segmentation",
-                "data_root": str(root / "ade20k"),
+                "data_root": str(root / "ADEChallengeData2016"),
                 "num_classes": 150,
                 "sampling_weight": 1.0,
                 "batch_size": 8,
@@ -86,18 +129,21 @@ def full_config(data_root: str) -> JobConfig:
                 "train_labels": "annotations/train2017",
                 "val_images": "images/val2017",
                 "val_labels": "annotations/val2017",
+                "label_map": COCO_STUFF_MAP,
             },
             "voc": {
                 "type": "segmentation",
-                "data_root": str(root / "voc2012_aug"),
+                "data_root": str(root / "VOCdevkit" / "VOC2012"),
                 "num_classes": 21,
                 "sampling_weight": 1.0,
                 "batch_size": 8,
                 "input_size": 512,
-                "train_images": "train/images",
-                "train_labels": "train/labels",
-                "val_images": "val/images",
-                "val_labels": "val/labels",
+                "train_images": "JPEGImages",
+                "train_labels": "SegmentationClassAug",
+                "val_images": "JPEGImages",
+                "val_labels": "SegmentationClassAug",
+                "train_list": "ImageSets/Segmentation/train_aug.txt",
+                "val_list": "ImageSets/Segmentation/val.txt",
             },
         },
         # Lego ResNet-50, N=2 units per layer, soft Gumbel-softmax, τ 5.0 -> 0.01 at 90 % (App. D.1).

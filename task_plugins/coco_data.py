@@ -50,8 +50,9 @@ def _file_name(img: dict, key: str) -> str | None:
     value = img.get(key)
     if value is None:
         return None
-    # LVIS names images by URL (coco_url); the file is the URL's last component.
-    return value.rsplit("/", 1)[-1] if key.endswith("url") else value
+    # LVIS names images by URL (coco_url, ".../train2017/000000391895.jpg") and its val split mixes
+    # COCO's train and val images: the file is "<split dir>/<name>" under the image directory.
+    return "/".join(value.rsplit("/", 2)[-2:]) if key.endswith("url") else value
 
 
 def load_coco(

@@ -75,3 +75,14 @@ def test_task_overrides_may_add_plugin_keys_and_strings_stay_strings():
 def test_train_config_rejects_bad_intervals():
     with pytest.raises(ConfigError, match="log_every"):
         JobConfig.from_dict({"train": {"log_every": 0}})
+
+
+def test_wildcard_and_nested_task_overrides():
+    cfg = JobConfig(tasks={"a": {"type": "classification"}, "d": {"type": "detection"}})
+    cfg = apply_overrides(cfg, ["tasks.*.batch_size=2", "tasks.d.head.fpn_channels=16"])
+    assert cfg.tasks["a"]["batch_size"] == 2 and cfg.tasks["d"]["batch_size"] == 2
+    assert build_task("d", cfg.tasks["d"]).cfg.head.fpn_channels == 16
+    with pytest.raises(ConfigError, match=r"tasks\.d\.head\.fpn_channel"):
+        build_task("d", apply_overrides(cfg, ["tasks.d.head.fpn_channel=1"]).tasks["d"])
+    with pytest.raises(ConfigError, match="unknown key tasks.zz"):
+        apply_overrides(cfg, ["tasks.zz.batch_size=1"])

@@ -108,25 +108,39 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(cfg: T, overrides: list[str]) -> T:
-    """Apply `a.b.c=value` strings to a dataclass tree; returns a new, re-validated tree."""
+    """Apply `a.b.c=value` strings to a dataclass tree; returns a new, re-validated tree.
+
+    `tasks.*.key=value` sets the key in every task entry (e.g. `--set tasks.*.batch_size=2`).
+    """
     data = to_dict(cfg)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])} in override {item!r}")
-            node = node[part]
-        # Task entries are free-form here (the plugin's config class validates them when the task
-        # is built), so `--set tasks.in21k.crop_scale_min=0.08` may add a key the job left default.
-        free_form = len(parts) == 3 and parts[0] == "tasks"
-        if not isinstance(node, dict) or (parts[-1] not in node and not free_form):
-            raise ConfigError(f"unknown key {key} in override {item!r}")
-        node[parts[-1]] = parse_value(raw)
+        if len(parts) >= 3 and parts[0] == "tasks" and parts[1] == "*":
+            targets = [["tasks", name, *parts[2:]] for name in data.get("tasks", {})]
+        else:
+            targets = [parts]
+        for path in targets:
+            _set(data, path, parse_value(raw), item)
     return rebuild(type(cfg), data)
+
+
+def _set(data: dict[str, Any], parts: list[str], value: Any, item: str) -> None:
+    # Task entries are free-form here (the plugin's config class validates them when the task is
+    # built), so `--set tasks.in21k.crop_scale_min=0.08` may add a key the job left at its default.
+    free_form = len(parts) >= 3 and parts[0] == "tasks"
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, dict) and part not in node and free_form and i >= 2:
+            node[part] = {}
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])} in override {item!r}")
+        node = node[part]
+    if not isinstance(node, dict) or (parts[-1] not in node and not free_form):
+        raise ConfigError(f"unknown key {'.'.join(parts)} in override {item!r}")
+    node[parts[-1]] = value
 
 
 def rebuild(cls: type[T], data: dict[str, Any]) -> T:

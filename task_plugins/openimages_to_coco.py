@@ -1,0 +1,101 @@
+"""Convert Open Images box annotations (CSV) into a COCO JSON file the detection plugin reads.
+
+    python -m task_plugins.openimages_to_coco \\
+        --boxes   /data/openimages/annotations/oidv6-train-annotations-bbox.csv \\
+        --classes /data/openimages/annotations/oidv7-class-descriptions-boxable.csv \\
+        --images  /data/openimages/train \\
+        --out     /data/openimages/annotations/openimages_train_bbox.json
+
+Open Images gives boxes as fractions of the image size (XMin, XMax, YMin, YMax), so each image's
+size is read from its file header (Pillow does not decode the pixels). `IsGroupOf` boxes become
+COCO crowd annotations (ignored by training and by COCOeval's matching, as in COCO). Categories get
+ids 1..N in the order of the class-descriptions file. Images listed in the CSV but missing on disk
+are an error naming the image id, unless --skip-missing (then they are counted and reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+
+def read_classes(path: Path) -> list[tuple[str, str]]:
+    """(LabelName, DisplayName) rows; V7 files have a header row, V6 files do not."""
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    if rows and rows[0][0] == "LabelName":
+        rows = rows[1:]
+    return [(r[0], r[1]) for r in rows]
+
+
+def convert(boxes_csv: Path, classes_csv: Path, image_dir: Path, skip_missing: bool = False) -> dict:
+    classes = read_classes(classes_csv)
+    cat_id = {label: i + 1 for i, (label, _) in enumerate(classes)}
+    images: dict[str, dict] = {}
+    annotations = []
+    missing: list[str] = []
+    with open(boxes_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        need = {"ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax"}
+        if not need <= set(reader.fieldnames or []):
+            raise ValueError(f"{boxes_csv}: expected columns {sorted(need)}, found {reader.fieldnames}")
+        for line, row in enumerate(reader, start=2):
+            image_id = row["ImageID"]
+            if row["LabelName"] not in cat_id:
+                raise ValueError(f"{boxes_csv}:{line}: label {row['LabelName']} is not in {classes_csv}")
+            if image_id not in images:
+                path = image_dir / f"{image_id}.jpg"
+                if not path.is_file():
+                    if not skip_missing:
+                        raise FileNotFoundError(f"{boxes_csv}:{line}: image {image_id} has no file {path}")
+                    missing.append(image_id)
+                    images[image_id] = {}
+                    continue
+                with Image.open(path) as im:
+                    w, h = im.size
+                images[image_id] = {"id": len(images) + 1, "file_name": path.name, "width": w, "height": h}
+            img = images[image_id]
+            if not img:
+                continue
+            x0, x1 = float(row["XMin"]) * img["width"], float(row["XMax"]) * img["width"]
+            y0, y1 = float(row["YMin"]) * img["height"], float(row["YMax"]) * img["height"]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": img["id"],
+                    "category_id": cat_id[row["LabelName"]],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": int(row.get("IsGroupOf", "0") == "1"),
+                }
+            )
+    if missing:
+        print(f"skipped {len(missing)} images missing from {image_dir}, e.g. {missing[0]}", file=sys.stderr)
+    return {
+        "images": [v for v in images.values() if v],
+        "annotations": annotations,
+        "categories": [{"id": cat_id[label], "name": name} for label, name in classes],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--boxes", type=Path, required=True, help="*-annotations-bbox.csv")
+    ap.add_argument("--classes", type=Path, required=True, help="class-descriptions-boxable.csv")
+    ap.add_argument("--images", type=Path, required=True, help="directory of <ImageID>.jpg")
+    ap.add_argument("--out", type=Path, required=True, help="COCO JSON to write")
+    ap.add_argument("--skip-missing", action="store_true", help="skip images missing on disk")
+    args = ap.parse_args(argv)
+    doc = convert(args.boxes, args.classes, args.images, args.skip_missing)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc))
+    print(f"wrote {args.out}: {len(doc['images'])} images, {len(doc['annotations'])} boxes")
+
+
+if __name__ == "__main__":
+    main()
