@@ -43,7 +43,7 @@ def demo_config(demo_root: str) -> JobConfig:
         tasks={"demo_det": demo_detection_task(Path(demo_root))},
         backbone=BackboneConfig(name="resnet18"),
         optim=OptimConfig(name="sgd", lr=0.02, momentum=0.9, weight_decay=1e-4, warmup_steps=100),
-        train=TrainConfig(steps=1200, log_every=50, checkpoint_every=300),
+        train=TrainConfig(steps=400, log_every=50, checkpoint_every=200),
         scaling=ScalingConfig(num_workers=2, use_gpu=False, cpus_per_worker=0.5),
     )
 

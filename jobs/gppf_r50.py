@@ -191,6 +191,7 @@ def demo_config(demo_root: str) -> JobConfig:
                 "batch_size": 16,
                 "input_size": 64,
             },
+            "demo_det": demo_detection_task(root),
             "demo_seg": {
                 "type": "segmentation",
                 "data_root": str(root / "segmentation"),
@@ -198,14 +199,16 @@ def demo_config(demo_root: str) -> JobConfig:
                 "sampling_weight": 1.0,
                 "batch_size": 8,
                 "input_size": 64,
+                "head_channels": 32,
+                "aux_channels": 16,
             },
         },
         # Hard routing keeps the demo's cost at that of a static network (soft runs every unit).
         backbone=BackboneConfig(
             name="resnet18", kind="lego", lego=LegoConfig(num_units=2, mode="hard", controller_lr=0.5)
         ),
-        optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, warmup_steps=20),
-        train=TrainConfig(steps=300, log_every=25, checkpoint_every=100),
+        optim=OptimConfig(name="sgd", lr=0.03, momentum=0.9, weight_decay=5e-4, warmup_steps=50),
+        train=TrainConfig(steps=360, log_every=30, checkpoint_every=120),
         scaling=ScalingConfig(num_workers=2, use_gpu=False, cpus_per_worker=0.5),
     )
 

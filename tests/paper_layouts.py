@@ -87,7 +87,9 @@ def make_paper_layouts(root: Path, seed: int = 0) -> Path:
     (oi / "annotations").mkdir(parents=True)
     labels = ["/m/01", "/m/02", "/m/03"]
     with open(oi / "annotations" / "class-descriptions-boxable.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["LabelName", "DisplayName"], *[[m, n["name"]] for m, n in zip(labels, CATS)]])
+        csv.writer(f).writerows(
+            [["LabelName", "DisplayName"], *[[m, n["name"]] for m, n in zip(labels, CATS)]]
+        )
     for split, out_name, first in (("train", "train", 3000), ("validation", "val", 4000)):
         (oi / split).mkdir()
         rows = []
@@ -99,18 +101,54 @@ def make_paper_layouts(root: Path, seed: int = 0) -> Path:
                 x, y, w, h = a["bbox"]
                 label = labels[[c["id"] for c in CATS].index(a["category_id"])]
                 rows.append(
-                    [image_id, "xclick", label, 1, x / img.width, (x + w) / img.width, y / img.height,
-                     (y + h) / img.height, 0, 0, 0, 0, 0]
+                    [
+                        image_id,
+                        "xclick",
+                        label,
+                        1,
+                        x / img.width,
+                        (x + w) / img.width,
+                        y / img.height,
+                        (y + h) / img.height,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                    ]
                 )
         csv_path = oi / "annotations" / f"{split}-annotations-bbox.csv"
         with open(csv_path, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax",
-                        "IsOccluded", "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"])
+            w.writerow(
+                [
+                    "ImageID",
+                    "Source",
+                    "LabelName",
+                    "Confidence",
+                    "XMin",
+                    "XMax",
+                    "YMin",
+                    "YMax",
+                    "IsOccluded",
+                    "IsTruncated",
+                    "IsGroupOf",
+                    "IsDepiction",
+                    "IsInside",
+                ]
+            )
             w.writerows(rows)
         openimages_to_coco(
-            ["--boxes", str(csv_path), "--classes", str(oi / "annotations" / "class-descriptions-boxable.csv"),
-             "--images", str(oi / split), "--out", str(oi / "annotations" / f"openimages_{out_name}_bbox.json")]
+            [
+                "--boxes",
+                str(csv_path),
+                "--classes",
+                str(oi / "annotations" / "class-descriptions-boxable.csv"),
+                "--images",
+                str(oi / split),
+                "--out",
+                str(oi / "annotations" / f"openimages_{out_name}_bbox.json"),
+            ]
         )
 
     # ADE20K: 0 = other, 1..150 = classes.

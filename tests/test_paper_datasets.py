@@ -40,9 +40,18 @@ def _tiny(run_dir: Path) -> list[str]:
         f"run_dir={run_dir}",
     ]
     for t in DET:
-        sets += [f"tasks.{t}.head.{k}={v}" for k, v in (("fpn_channels", 16), ("conv_channels", 16),
-                 ("fc_channels", 32), ("anchor_size", 8), ("roi_batch_per_image", 32),
-                 ("rpn_post_nms_train", 64), ("rpn_post_nms_test", 32))]
+        sets += [
+            f"tasks.{t}.head.{k}={v}"
+            for k, v in (
+                ("fpn_channels", 16),
+                ("conv_channels", 16),
+                ("fc_channels", 32),
+                ("anchor_size", 8),
+                ("roi_batch_per_image", 32),
+                ("rpn_post_nms_train", 64),
+                ("rpn_post_nms_test", 32),
+            )
+        ]
     for t in SEG:
         sets += [f"tasks.{t}.head_channels=16", f"tasks.{t}.aux_channels=8"]
     return [a for s in sets for a in ("--set", s)]
@@ -53,7 +62,9 @@ def test_full_config_on_fake_paper_layouts(tmp_path, ray_session):
     job = _job()
     from gppf.cli import main
 
-    metrics = main(job.__doc__, job.full_config, job.demo_config, ["--data-root", str(root), *_tiny(tmp_path / "runs")])
+    metrics = main(
+        job.__doc__, job.full_config, job.demo_config, ["--data-root", str(root), *_tiny(tmp_path / "runs")]
+    )
     assert metrics["step"] == 6
     final = metrics["final_eval"]
     assert set(final) == {"in21k", *DET, *SEG}
@@ -73,9 +84,13 @@ def test_missing_dataset_names_task_and_path(tmp_path):
     root = make_paper_layouts(tmp_path / "data")
     shutil.rmtree(root / "ADEChallengeData2016")
     cfg = _job().full_config(str(root))
-    with pytest.raises(FileNotFoundError, match=r"task 'ade20k': data root .*ADEChallengeData2016 does not exist"):
+    with pytest.raises(
+        FileNotFoundError, match=r"task 'ade20k': data root .*ADEChallengeData2016 does not exist"
+    ):
         resolve(cfg)
     del cfg.tasks["ade20k"]
     (root / "coco" / "annotations" / "instances_val2017.json").unlink()
-    with pytest.raises(FileNotFoundError, match=r"task 'coco': annotation file .*instances_val2017\.json does not"):
+    with pytest.raises(
+        FileNotFoundError, match=r"task 'coco': annotation file .*instances_val2017\.json does not"
+    ):
         resolve(cfg)
