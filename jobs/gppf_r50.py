@@ -32,7 +32,6 @@ from gppf.cli import main  # noqa: E402
 from gppf.job_config import JobConfig, OptimConfig, ScalingConfig, TrainConfig  # noqa: E402
 from gppf.lego import LegoConfig  # noqa: E402
 
-
 # COCO-Stuff 164k label PNGs hold 0-based ids 0..181 (255 = unlabeled); these 11 COCO thing ids
 # are unused, and the other 171 map to contiguous classes (as MMSegmentation's conversion does).
 COCO_STUFF_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
