@@ -247,7 +247,7 @@ class DetectionTask(Task):
             k = len(keep)
             out["boxes"][i, :k] = b[keep].numpy()
             out["labels"][i, :k] = labels[i][keep].numpy()
-            if self.cfg.masks:
+            if self.cfg.masks and k:  # k = 0: the crop left no object (a negative image)
                 out["masks"][i, :k] = np.packbits(masks[i][keep].numpy().astype(bool).reshape(k, -1), axis=1)
         return out
 

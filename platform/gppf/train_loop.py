@@ -193,7 +193,6 @@ class SIMTWorker:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "streams": all_streams,  # per rank: {task: {pass_idx, taken}}
             "world_size": self.world,
-            "torch_rng": torch.get_rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -203,7 +202,6 @@ class SIMTWorker:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
         streams = state.get("streams") or []
         # Same world size: each rank continues its own streams where they stopped. Otherwise the
         # shares changed anyway, so every stream starts the pass after the furthest old one.

@@ -1,0 +1,79 @@
+"""Detection `pre`: deterministic LSJ + copy-paste, targets consistent with masks, packed masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import task_plugins  # noqa: F401
+from gppf.cross_bn import CrossTaskBatchNorm2d
+from gppf.registry import build_task
+from task_plugins.detection import copy_paste
+from task_plugins.rcnn import unpack_masks
+from tests.tasks_for_tests import task_entries
+
+
+def _batch(task, n=4):
+    units = task.source("train").units[:n]
+    return {k: np.array([u[k] for u in units]) for k in units[0]}
+
+
+def test_train_pre_is_deterministic_and_boxes_match_masks(demo_root):
+    task = build_task("det", {**task_entries(demo_root)["det"], "input_size": 96, "copy_paste": 1.0})
+    a = task.preprocess(_batch(task), train=True, seed=3)
+    b = task.preprocess(_batch(task), train=True, seed=3)
+    c = task.preprocess(_batch(task), train=True, seed=4)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["image"], c["image"])
+    masks = unpack_masks(torch.from_numpy(a["masks"]), 96)
+    for i in range(len(a["labels"])):
+        keep = a["labels"][i] >= 0
+        assert keep.any()
+        for box, m in zip(a["boxes"][i][keep], masks[i][torch.from_numpy(keep)]):
+            ys, xs = torch.nonzero(m, as_tuple=True)  # tight box of the (cropped, occluded) mask
+            assert box.tolist() == [
+                xs.min().item(),
+                ys.min().item(),
+                xs.max().item() + 1,
+                ys.max().item() + 1,
+            ]
+
+
+def test_image_left_without_objects_is_a_negative(demo_root):
+    """A crop can remove every object; the image then trains as a negative (all labels -1)."""
+    task = build_task("det", {**task_entries(demo_root)["det"], "input_size": 32})
+    img = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    empty_masks = torch.zeros(0, 32, 32, dtype=torch.uint8)
+    out = task._pack(
+        [img], [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.int64)], [empty_masks], _batch(task, 1), 0
+    )
+    assert (out["labels"] == -1).all() and not out["masks"].any()
+
+
+def test_copy_paste_occludes_and_appends():
+    img = [torch.zeros(3, 8, 8, dtype=torch.uint8), torch.full((3, 8, 8), 200, dtype=torch.uint8)]
+    m0 = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    m0[0, 0:4, 0:4] = 1
+    m1 = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    m1[0, 2:6, 2:6] = 1
+    masks, labels = [m0, m1], [torch.tensor([0]), torch.tensor([2])]
+    copy_paste(img, masks, labels, 1.0, np.random.default_rng(0))
+    assert labels[0].tolist() == [0, 2]  # image 0 received image 1's object
+    assert masks[0][0, 2:4, 2:4].sum() == 0 and masks[0][0, 0:2, 0:2].all()  # its own mask is occluded
+    assert (img[0][:, 2:6, 2:6] == 200).all() and (img[0][:, 0:2, 0:2] == 0).all()
+
+
+def test_packed_masks_round_trip():
+    m = torch.rand(3, 5, 32, 32) > 0.5
+    packed = torch.from_numpy(np.packbits(m.numpy().reshape(3, 5, -1), axis=-1))
+    assert torch.equal(unpack_masks(packed, 32).bool(), m)
+
+
+def test_heads_never_use_cross_task_bn(demo_root):
+    from gppf.backbone import Backbone
+    from gppf.model import MultiTaskModel
+
+    tasks = [build_task(n, e) for n, e in task_entries(demo_root).items()]
+    model = MultiTaskModel(Backbone("resnet10t"), tasks)
+    assert any(isinstance(m, CrossTaskBatchNorm2d) for m in model.backbone.modules())
+    assert not any(isinstance(m, (CrossTaskBatchNorm2d, torch.nn.BatchNorm2d)) for m in model.heads.modules())
