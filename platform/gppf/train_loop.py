@@ -114,15 +114,16 @@ class SIMTWorker:
         (self.scaler.scale(loss + tie) if self.scaler else loss + tie).backward()
 
         # Per-step stats ride along with the gradients: [nan | loss | steps | samples] per task,
-        # then each rank's data wait in its own slot.
+        # then each rank's data wait and task choice in its own slot.
         n = len(self.tasks)
-        stats = torch.zeros(4 * n + self.world, device=self.device)
+        stats = torch.zeros(4 * n + 2 * self.world, device=self.device)
         finite = bool(torch.isfinite(loss.detach()))
         stats[ti] = 0.0 if finite else 1.0
         stats[n + ti] = loss.detach().float() if finite else 0.0
         stats[2 * n + ti] = 1.0
         stats[3 * n + ti] = batch[task.input_key()].shape[0]
         stats[4 * n + self.rank] = wait
+        stats[4 * n + self.world + self.rank] = ti
         summed, _ = self.reducer.reduce(stats)
         summed = summed.cpu()
         if summed[:n].sum() > 0:
@@ -137,7 +138,9 @@ class SIMTWorker:
         self.optimizer.zero_grad(set_to_none=True)  # None = "unused" for the next masked allreduce
         self.scheduler.step()
         self.step += 1
-        return {"task": task.name, "stats": summed, "wait": wait, "time": time.perf_counter() - t0}
+        choices = [int(c) for c in summed[4 * n + self.world :].tolist()]
+        return {"task": task.name, "stats": summed[: 4 * n + self.world], "choices": choices, "wait": wait,
+                "time": time.perf_counter() - t0}
 
     def _set_routing(self, step: int) -> None:
         """Gumbel temperature and noise for this step: a pure function of (seed, step, rank)."""
@@ -262,12 +265,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger = _Logger(cfg, w) if w.rank == 0 else None
     n = len(w.tasks)
     window = torch.zeros(4 * n + w.world)
+    choices: list[list[int]] = []  # per step of the window: each rank's task index
     window_time = 0.0
     metrics: dict[str, Any] = {"step": w.step, "start_step": w.start_step}
     try:
         while w.step < cfg.train.steps:
             out = w.train_step()
             window += out["stats"]
+            choices.append(out["choices"])
             window_time += out["time"]
             last = w.step == cfg.train.steps
             log_now = w.step % cfg.train.log_every == 0 or last
@@ -275,6 +280,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not (log_now or ckpt_now):
                 continue
             metrics = _window_metrics(w, window, window_time)
+            metrics["task_choices"] = list(choices)  # steps step-len+1 .. step, one list per step
             if w.controller is not None:
                 metrics["routes"] = w.routes()
                 metrics["tau"] = w.model.backbone.tau
@@ -282,6 +288,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if logger:
                     logger.log(w.step, metrics)
                 window.zero_()
+                choices.clear()
                 window_time = 0.0
             # ray.train.report is a barrier: every rank reaches this at the same steps.
             _report(w, metrics, ckpt_now, initial_eval)

@@ -1,0 +1,219 @@
+"""A multi-node Ray cluster on one machine, for rehearsing cluster behaviour (and for the tests).
+
+    python scripts/local_cluster.py start [--nodes 1] [--head-cpus 1] [--node-cpus 2]
+    python scripts/local_cluster.py add-node [--cpus 2]       # prints the new node's index
+    python scripts/local_cluster.py kill-node INDEX           # SIGKILL: a node lost, not drained
+    python scripts/local_cluster.py status
+    python scripts/local_cluster.py stop
+
+Every node is a real `ray start` (the head with `--head`, the others with `--address=...`), all on
+127.0.0.1 with their own ports, so Ray schedules, fails over and resizes exactly as on a cluster.
+Each node gets an explicit `--object-store-memory` and `--memory` (by default a node reserves
+30 % of the machine's RAM for its object store, which several nodes on one machine cannot all
+have). Worker nodes carry the custom resource `{"local_node_<i>": 1}` so tests can pin work to one.
+
+Jobs: `RAY_ADDRESS=http://127.0.0.1:8266 ray job submit --working-dir . -- python jobs/gppf_r50.py`.
+The cluster uses Ray's token authentication when `~/.ray/auth_token` exists (Ray >= 2.59): the
+script exports RAY_AUTH_MODE=token and creates the token first, and clients must do the same.
+`stop` kills only this cluster's processes (found by its GCS port), not another Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STATE = Path(os.environ.get("GPPF_LOCAL_CLUSTER_STATE", "~/.cache/gppf/local_cluster.json")).expanduser()
+BASE_NODE_PORT = 21000  # worker node i uses BASE_NODE_PORT + 20 * i + (0..7)
+
+
+def _ray() -> str:
+    exe = Path(sys.executable).with_name("ray")
+    return str(exe) if exe.exists() else "ray"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    subprocess.run([_ray(), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    return env
+
+
+def _load() -> dict:
+    if not STATE.exists():
+        raise SystemExit(f"no local cluster recorded in {STATE}: run `start` first")
+    return json.loads(STATE.read_text())
+
+
+def _save(state: dict) -> None:
+    STATE.parent.mkdir(parents=True, exist_ok=True)
+    STATE.write_text(json.dumps(state, indent=2))
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> None:
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+
+
+def _node_ports(index: int) -> dict[str, int]:
+    base = BASE_NODE_PORT + 20 * index
+    return {
+        "node-manager-port": base,
+        "object-manager-port": base + 1,
+        "dashboard-agent-listen-port": base + 2,
+        "dashboard-agent-grpc-port": base + 3,
+        "metrics-export-port": base + 4,
+        "runtime-env-agent-port": base + 5,
+        "min-worker-port": 30000 + 200 * index,  # worker processes: 150 ports per node
+        "max-worker-port": 30000 + 200 * index + 150,
+    }
+
+
+def start(args: argparse.Namespace) -> dict:
+    env = _env()
+    state = {
+        "port": args.port,
+        "dashboard_port": args.dashboard_port,
+        "object_store_mb": args.object_store_mb,
+        "memory_mb": args.memory_mb,
+        "nodes": [],
+    }
+    ports = _node_ports(99)
+    _run(
+        [
+            _ray(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={args.port}",
+            f"--num-cpus={args.head_cpus}", "--num-gpus=0",
+            f"--object-store-memory={args.object_store_mb * 2**20}", f"--memory={args.memory_mb * 2**20}",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={args.dashboard_port}",
+            "--resources", json.dumps({"local_head": 1}),
+            *[f"--{k}={v}" for k, v in ports.items()],
+        ],
+        env,
+    )
+    _save(state)
+    for _ in range(args.nodes):
+        add_node(argparse.Namespace(cpus=args.node_cpus, resources="{}"), state)
+    return state
+
+
+def add_node(args: argparse.Namespace, state: dict | None = None) -> int:
+    state = state or _load()
+    env = _env()
+    index = len(state["nodes"])
+    resources = {**json.loads(args.resources), f"local_node_{index}": 1}
+    ports = _node_ports(index)
+    _run(
+        [
+            _ray(), "start", f"--address=127.0.0.1:{state['port']}", "--node-ip-address=127.0.0.1",
+            f"--num-cpus={args.cpus}", "--num-gpus=0",
+            f"--object-store-memory={state['object_store_mb'] * 2**20}", f"--memory={state['memory_mb'] * 2**20}",
+            "--resources", json.dumps(resources),
+            *[f"--{k}={v}" for k, v in ports.items()],
+        ],
+        env,
+    )
+    state["nodes"].append({"index": index, "node_manager_port": ports["node-manager-port"], "cpus": args.cpus})
+    _save(state)
+    print(index, flush=True)
+    return index
+
+
+def _pids(*needles: str) -> list[int]:
+    """Processes whose command line contains any needle (`ps` works on Linux and macOS)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    pids = []
+    for line in out.splitlines():
+        pid, _, cmd = line.strip().partition(" ")
+        if int(pid) != os.getpid() and any(n in cmd for n in needles):
+            pids.append(int(pid))
+    return pids
+
+
+def _node_needles(port: int) -> tuple[str, ...]:
+    # The raylet says --node_manager_port=P, its agents and workers --node-manager-port=P.
+    return (f"--node_manager_port={port}", f"--node-manager-port={port}", f"--node-manager-port {port}")
+
+
+def kill_node(index: int) -> list[int]:
+    state = _load()
+    node = next((n for n in state["nodes"] if n["index"] == index), None)
+    if node is None:
+        raise SystemExit(f"no worker node {index}; nodes: {[n['index'] for n in state['nodes']]}")
+    pids = _pids(*_node_needles(node["node_manager_port"]))
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    node["killed"] = True
+    _save(state)
+    print(f"killed worker node {index}: {len(pids)} processes", flush=True)
+    return pids
+
+
+def stop() -> None:
+    state = _load()
+    needles = [f"127.0.0.1:{state['port']}", f"--gcs_server_port={state['port']}"]
+    for n in state["nodes"]:
+        needles += _node_needles(n["node_manager_port"])
+    needles += _node_needles(_node_ports(99)["node-manager-port"])
+    for _ in range(3):
+        pids = _pids(*needles)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(1)
+    STATE.unlink(missing_ok=True)
+    print("local cluster stopped", flush=True)
+
+
+def status() -> None:
+    state = _load()
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    subprocess.run([_ray(), "status", f"--address=127.0.0.1:{state['port']}"], env=env, check=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("start", help="start the head and --nodes worker nodes")
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--head-cpus", type=float, default=1)
+    s.add_argument("--node-cpus", type=float, default=2)
+    s.add_argument("--port", type=int, default=6380, help="GCS port of the head")
+    s.add_argument("--dashboard-port", type=int, default=8266)
+    s.add_argument("--object-store-mb", type=int, default=512, help="per node")
+    s.add_argument("--memory-mb", type=int, default=4096, help="per node, for Ray's scheduling")
+    a = sub.add_parser("add-node", help="add a worker node")
+    a.add_argument("--cpus", type=float, default=2)
+    a.add_argument("--resources", default="{}", help="extra custom resources, JSON")
+    k = sub.add_parser("kill-node", help="SIGKILL every process of a worker node")
+    k.add_argument("index", type=int)
+    sub.add_parser("status")
+    sub.add_parser("stop")
+    args = ap.parse_args(argv)
+    if args.cmd == "start":
+        start(args)
+        print(f"dashboard and job API: http://127.0.0.1:{args.dashboard_port} (export RAY_AUTH_MODE=token)")
+    elif args.cmd == "add-node":
+        add_node(args)
+    elif args.cmd == "kill-node":
+        kill_node(args.index)
+    elif args.cmd == "status":
+        status()
+    else:
+        stop()
+
+
+if __name__ == "__main__":
+    main()
