@@ -87,11 +87,20 @@ def start(args: argparse.Namespace) -> dict:
     ports = _node_ports(99)
     _run(
         [
-            _ray(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={args.port}",
-            f"--num-cpus={args.head_cpus}", "--num-gpus=0",
-            f"--object-store-memory={args.object_store_mb * 2**20}", f"--memory={args.memory_mb * 2**20}",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={args.dashboard_port}",
-            "--resources", json.dumps({"local_head": 1}),
+            _ray(),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={args.port}",
+            f"--num-cpus={args.head_cpus}",
+            "--num-gpus=0",
+            f"--object-store-memory={args.object_store_mb * 2**20}",
+            f"--memory={args.memory_mb * 2**20}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={args.dashboard_port}",
+            "--resources",
+            json.dumps({"local_head": 1}),
             *[f"--{k}={v}" for k, v in ports.items()],
         ],
         env,
@@ -110,15 +119,23 @@ def add_node(args: argparse.Namespace, state: dict | None = None) -> int:
     ports = _node_ports(index)
     _run(
         [
-            _ray(), "start", f"--address=127.0.0.1:{state['port']}", "--node-ip-address=127.0.0.1",
-            f"--num-cpus={args.cpus}", "--num-gpus=0",
-            f"--object-store-memory={state['object_store_mb'] * 2**20}", f"--memory={state['memory_mb'] * 2**20}",
-            "--resources", json.dumps(resources),
+            _ray(),
+            "start",
+            f"--address=127.0.0.1:{state['port']}",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={args.cpus}",
+            "--num-gpus=0",
+            f"--object-store-memory={state['object_store_mb'] * 2**20}",
+            f"--memory={state['memory_mb'] * 2**20}",
+            "--resources",
+            json.dumps(resources),
             *[f"--{k}={v}" for k, v in ports.items()],
         ],
         env,
     )
-    state["nodes"].append({"index": index, "node_manager_port": ports["node-manager-port"], "cpus": args.cpus})
+    state["nodes"].append(
+        {"index": index, "node_manager_port": ports["node-manager-port"], "cpus": args.cpus}
+    )
     _save(state)
     print(index, flush=True)
     return index

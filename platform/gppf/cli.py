@@ -26,6 +26,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument(
         "--demo-root", default="~/.cache/gppf/demo_data", help="where the embedded demo writes its data"
     )
+    ap.add_argument(
+        "--demo-images",
+        type=int,
+        default=400,
+        help="training images per demo task (validation: a quarter); a smaller set generates faster",
+    )
     ap.add_argument("--tasks", default=None, help="comma-separated subset of the job's tasks to train")
     ap.add_argument(
         "--set",
@@ -72,7 +78,8 @@ def main(
         else:
             from gppf.demo_data import generate
 
-            cfg = demo_config(str(generate(Path(args.demo_root).expanduser().absolute())))
+            n = max(8, args.demo_images)
+            cfg = demo_config(str(generate(Path(args.demo_root).expanduser().absolute(), n, max(4, n // 4))))
         cfg = select_tasks(cfg, args.tasks)
         cfg = apply_overrides(cfg, args.overrides)
     except (ConfigError, FileNotFoundError) as e:

@@ -46,10 +46,25 @@ class TrainConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = 2
+    num_workers: int = 2  # the worker group's size; with min_workers, its maximum
+    min_workers: int = 0  # > 0: elastic, Ray Train runs between min_workers and num_workers
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    max_failures: int = 0
+    max_failures: int = 0  # worker-group restarts (from the last checkpoint) before the job fails
+    resize_check_s: float = 60.0  # elastic: how often Ray Train looks for room to grow
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ConfigError(f"config.scaling.num_workers must be >= 1, got {self.num_workers}")
+        if not 0 <= self.min_workers <= self.num_workers:
+            raise ConfigError(
+                f"config.scaling.min_workers must be in [0, num_workers={self.num_workers}], "
+                f"got {self.min_workers}"
+            )
+
+    def ray_num_workers(self) -> int | tuple[int, int]:
+        """Ray Train's `num_workers`: an int, or (min, max) for an elastic worker group."""
+        return (self.min_workers, self.num_workers) if self.min_workers else self.num_workers
 
 
 @dataclass

@@ -82,8 +82,9 @@ def fit(cfg: JobConfig, resume_from: str | None = None) -> dict[str, Any]:
             backend="nccl" if cfg.scaling.use_gpu else "gloo", timeout_s=cfg.train.collective_timeout_s
         ),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
+            num_workers=cfg.scaling.ray_num_workers(),
             use_gpu=cfg.scaling.use_gpu,
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_check_s,
             resources_per_worker={
                 "CPU": cfg.scaling.cpus_per_worker,
                 **({"GPU": 1} if cfg.scaling.use_gpu else {}),

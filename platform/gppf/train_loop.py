@@ -102,9 +102,11 @@ class SIMTWorker:
         task = self.tasks[ti]
         batch, wait = self.stream(task).next()
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        batch = task.train_batch(
-            batch, np.random.default_rng([self.cfg.train.seed, self.step, self.rank, 11])
-        )
+        # Every random draw of this step (dropout, RPN/RoI sampling, Mixup) is a function of
+        # (seed, step, rank), so a run resumed from a checkpoint repeats it exactly.
+        rng = np.random.default_rng([self.cfg.train.seed, self.step, self.rank, 11])
+        torch.manual_seed(int(rng.integers(2**62)))
+        batch = task.train_batch(batch, rng)
         self.model.train()
         if self.controller is not None:
             self._set_routing(self.step)
@@ -139,8 +141,13 @@ class SIMTWorker:
         self.scheduler.step()
         self.step += 1
         choices = [int(c) for c in summed[4 * n + self.world :].tolist()]
-        return {"task": task.name, "stats": summed[: 4 * n + self.world], "choices": choices, "wait": wait,
-                "time": time.perf_counter() - t0}
+        return {
+            "task": task.name,
+            "stats": summed[: 4 * n + self.world],
+            "choices": choices,
+            "wait": wait,
+            "time": time.perf_counter() - t0,
+        }
 
     def _set_routing(self, step: int) -> None:
         """Gumbel temperature and noise for this step: a pure function of (seed, step, rank)."""
@@ -223,9 +230,16 @@ class SIMTWorker:
 
 
 def save_checkpoint(state: dict[str, Any], directory: str) -> None:
-    tmp = Path(directory) / (CKPT_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, Path(directory) / CKPT_FILE)
+    """Write state.pt atomically: into a temporary file, flushed to disk, then renamed over the old
+    one. A crash at any point leaves the previous state.pt (or none), never a torn one. (Ray Train
+    then copies the directory to storage and registers it only once the copy is complete.)"""
+    path = Path(directory) / CKPT_FILE
+    tmp = path.with_name(CKPT_FILE + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
