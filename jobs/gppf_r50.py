@@ -163,6 +163,7 @@ def demo_detection_task(root: Path) -> dict:
         "batch_size": 4,
         "input_size": 128,
         "lsj_scale": [0.5, 1.5],
+        "max_instances": 16,  # the demo images hold at most 4 shapes (8 after copy-paste)
         "head": {
             "fpn_channels": 64,
             "conv_channels": 32,

@@ -39,7 +39,9 @@ def _ray() -> str:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, RAY_AUTH_MODE="token")
+    # The nodes (and so `python` in a submitted job's entrypoint) use this script's interpreter.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=path)
     subprocess.run([_ray(), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     return env
 
@@ -105,6 +107,10 @@ def start(args: argparse.Namespace) -> dict:
         ],
         env,
     )
+    gcs = [cmd for _, _, cmd in _ps() if f"--gcs_server_port={args.port}" in cmd]
+    if not gcs or "--log_dir=" not in gcs[0]:
+        raise SystemExit(f"the head started, but no GCS process with port {args.port} was found")
+    state["session_dir"] = gcs[0].split("--log_dir=")[1].split()[0].rsplit("/logs", 1)[0]
     _save(state)
     for _ in range(args.nodes):
         add_node(argparse.Namespace(cpus=args.node_cpus, resources="{}"), state)
@@ -141,20 +147,39 @@ def add_node(args: argparse.Namespace, state: dict | None = None) -> int:
     return index
 
 
-def _pids(*needles: str) -> list[int]:
-    """Processes whose command line contains any needle (`ps` works on Linux and macOS)."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    pids = []
+def _ps() -> list[tuple[int, int, str]]:
+    """(pid, ppid, command line) of every process (`ps` works on Linux and macOS)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    rows = []
     for line in out.splitlines():
-        pid, _, cmd = line.strip().partition(" ")
-        if int(pid) != os.getpid() and any(n in cmd for n in needles):
-            pids.append(int(pid))
-    return pids
+        pid, ppid, *cmd = line.split(None, 2)
+        rows.append((int(pid), int(ppid), cmd[0] if cmd else ""))
+    return rows
 
 
-def _node_needles(port: int) -> tuple[str, ...]:
-    # The raylet says --node_manager_port=P, its agents and workers --node-manager-port=P.
-    return (f"--node_manager_port={port}", f"--node-manager-port={port}", f"--node-manager-port {port}")
+def _trees(*needles: str) -> list[int]:
+    """Processes whose command line contains a needle, with all their descendants (Ray's workers
+    rename themselves, e.g. "ray::RayTrainWorker", but stay children of their node's raylet)."""
+    rows = _ps()
+    found = {pid for pid, _, cmd in rows if pid != os.getpid() and any(n in cmd for n in needles)}
+    children: dict[int, list[int]] = {}
+    for pid, ppid, _ in rows:
+        children.setdefault(ppid, []).append(pid)
+    todo, out = list(found), set()
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.add(pid)
+            todo.extend(children.get(pid, []))
+    return sorted(out)
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def kill_node(index: int) -> list[int]:
@@ -162,12 +187,9 @@ def kill_node(index: int) -> list[int]:
     node = next((n for n in state["nodes"] if n["index"] == index), None)
     if node is None:
         raise SystemExit(f"no worker node {index}; nodes: {[n['index'] for n in state['nodes']]}")
-    pids = _pids(*_node_needles(node["node_manager_port"]))
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    # The node's raylet (and with it its agents and workers): what a machine failure looks like.
+    pids = _trees(f"--node_manager_port={node['node_manager_port']}")
+    _kill(pids)
     node["killed"] = True
     _save(state)
     print(f"killed worker node {index}: {len(pids)} processes", flush=True)
@@ -176,19 +198,12 @@ def kill_node(index: int) -> list[int]:
 
 def stop() -> None:
     state = _load()
-    needles = [f"127.0.0.1:{state['port']}", f"--gcs_server_port={state['port']}"]
-    for n in state["nodes"]:
-        needles += _node_needles(n["node_manager_port"])
-    needles += _node_needles(_node_ports(99)["node-manager-port"])
+    # Every process of this cluster names its session directory (or descends from one that does).
     for _ in range(3):
-        pids = _pids(*needles)
+        pids = _trees(state["session_dir"])
         if not pids:
             break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill(pids)
         time.sleep(1)
     STATE.unlink(missing_ok=True)
     print("local cluster stopped", flush=True)
@@ -205,14 +220,14 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("start", help="start the head and --nodes worker nodes")
     s.add_argument("--nodes", type=int, default=1)
-    s.add_argument("--head-cpus", type=float, default=1)
-    s.add_argument("--node-cpus", type=float, default=2)
+    s.add_argument("--head-cpus", type=int, default=1)
+    s.add_argument("--node-cpus", type=int, default=2)
     s.add_argument("--port", type=int, default=6380, help="GCS port of the head")
     s.add_argument("--dashboard-port", type=int, default=8266)
     s.add_argument("--object-store-mb", type=int, default=512, help="per node")
     s.add_argument("--memory-mb", type=int, default=4096, help="per node, for Ray's scheduling")
     a = sub.add_parser("add-node", help="add a worker node")
-    a.add_argument("--cpus", type=float, default=2)
+    a.add_argument("--cpus", type=int, default=2)
     a.add_argument("--resources", default="{}", help="extra custom resources, JSON")
     k = sub.add_parser("kill-node", help="SIGKILL every process of a worker node")
     k.add_argument("index", type=int)

@@ -18,6 +18,7 @@ from gppf.job_config import JobConfig, OptimConfig, ScalingConfig, TrainConfig
 from gppf.lego import LegoConfig
 from gppf.runner import fit
 from tests.tasks_for_tests import task_entries
+from tests.test_local_cluster import committed_steps
 
 STEPS = 16
 
@@ -60,19 +61,19 @@ def test_killed_worker_resumes_exactly(demo_root, tmp_path, ray_session):
     reference = _steps(tmp_path / "a" / "metrics.jsonl")
     assert sorted(reference) == list(range(1, STEPS + 1))
 
-    cfg = _config(demo_root, tmp_path, "b")
+    cfg = _config(demo_root, tmp_path / "rb", "b")
     done: dict = {}
     runner = threading.Thread(target=lambda: done.update(fit(cfg)), daemon=True)
     runner.start()
-    metrics_file = tmp_path / "b" / "metrics.jsonl"
+    metrics_file = tmp_path / "rb" / "b" / "metrics.jsonl"
     killed = None
     deadline = time.time() + 300
     while killed is None and time.time() < deadline:
-        if metrics_file.exists() and max(_steps(metrics_file), default=0) >= 6:
+        if any(s >= 4 for s in committed_steps(tmp_path / "rb")):  # the step-4 checkpoint is registered
             killed = _training_worker_pids()[-1]
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.2)
-    assert killed, "run b never reached step 6"
+    assert killed, "run b never committed its step-4 checkpoint"
     runner.join(timeout=600)
     assert done.get("step") == STEPS, done
 

@@ -52,6 +52,7 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 0  # worker-group restarts (from the last checkpoint) before the job fails
     resize_check_s: float = 60.0  # elastic: how often Ray Train looks for room to grow
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra Ray resources
 
     def __post_init__(self):
         if self.num_workers < 1:

@@ -88,6 +88,7 @@ def fit(cfg: JobConfig, resume_from: str | None = None) -> dict[str, Any]:
             resources_per_worker={
                 "CPU": cfg.scaling.cpus_per_worker,
                 **({"GPU": 1} if cfg.scaling.use_gpu else {}),
+                **cfg.scaling.resources_per_worker,
             },
         ),
         run_config=ray.train.RunConfig(
