@@ -205,6 +205,11 @@ def stop() -> None:
             break
         _kill(pids)
         time.sleep(1)
+    # `ray start --head` records the cluster for ray.init() to join; `ray stop` would remove the
+    # record, and a stale one makes every later ray.init() try to join a dead cluster.
+    record = Path(state["session_dir"]).parent / "ray_current_cluster"
+    if record.exists() and record.read_text().strip().endswith(f":{state['port']}"):
+        record.unlink()
     STATE.unlink(missing_ok=True)
     print("local cluster stopped", flush=True)
 

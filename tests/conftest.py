@@ -22,6 +22,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        # address="local": a new instance even if a `ray start` cluster runs on this machine
+        ray.init(
+            address="local", num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False
+        )
     yield ray
     ray.shutdown()

@@ -59,15 +59,15 @@ def test_grow_then_shrink(cluster, tmp_path):  # noqa: F811
     )
     assert "gppf-elastic" in out, out
     try:
-        _wait("12 steps on one worker", lambda: sum(m["world_size"] == 1 for m in _lines(runs)) >= 12)
+        _wait("8 steps on one worker", lambda: sum(m["world_size"] == 1 for m in _lines(runs)) >= 8)
         script("add-node", "--cpus", "2", "--resources", SLOT)  # index 2
         grown = _wait("the group to grow to 2", lambda: [m for m in _lines(runs) if m["world_size"] == 2])
-        _wait("12 steps on two workers", lambda: sum(m["world_size"] == 2 for m in _lines(runs)) >= 12)
+        _wait("8 steps on two workers", lambda: sum(m["world_size"] == 2 for m in _lines(runs)) >= 8)
         script("kill-node", "2")
         shrink_from = len(_lines(runs))
         _wait(
-            "12 steps on one worker after the shrink",
-            lambda: sum(m["world_size"] == 1 for m in _lines(runs)[shrink_from:]) >= 12,
+            "8 steps on one worker after the shrink",
+            lambda: sum(m["world_size"] == 1 for m in _lines(runs)[shrink_from:]) >= 8,
             timeout=400,
         )
     finally:

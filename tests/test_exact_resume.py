@@ -20,7 +20,7 @@ from gppf.runner import fit
 from tests.tasks_for_tests import task_entries
 from tests.test_local_cluster import committed_steps
 
-STEPS = 16
+STEPS = 12
 
 
 def _config(root: Path, run_dir: Path, run_name: str) -> JobConfig:

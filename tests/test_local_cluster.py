@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "local_cluster.py"
 PORT, DASHBOARD = 6390, 8290  # not Ray's defaults: a user's own cluster may be running
-CKPT_EVERY = 8
+CKPT_EVERY = 6
 
 
 @pytest.fixture
@@ -86,14 +86,14 @@ def committed_steps(run_dir: Path) -> list[int]:
     return [r["metrics"]["step"] for r in doc.get("checkpoint_results", [])]
 
 
-def _wait(what: str, cond, timeout: float = 300.0):
+def _wait(what: str, cond, timeout: float = 300.0, diagnose=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = cond()
         if value:
             return value
         time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f"\n{diagnose()}" if diagnose else ""))
 
 
 def _train_workers(env: dict) -> list[int]:
@@ -104,6 +104,10 @@ def _train_workers(env: dict) -> list[int]:
 def test_demo_job_survives_a_killed_worker_and_a_lost_node(cluster, tmp_path):
     env, script = cluster
     runs = tmp_path / "runs"
+
+    def logs() -> str:
+        return "job logs (tail):\n" + _ray(env, "job", "logs", "gppf-fault")[-6000:]
+
     submitted = _ray(
         env,
         "job",
@@ -123,7 +127,7 @@ def test_demo_job_survives_a_killed_worker_and_a_lost_node(cluster, tmp_path):
         *[
             a
             for s in (
-                "train.steps=40",
+                "train.steps=32",
                 f"train.checkpoint_every={CKPT_EVERY}",
                 "train.log_every=2",
                 "train.eval_at_start=false",
@@ -132,6 +136,7 @@ def test_demo_job_survives_a_killed_worker_and_a_lost_node(cluster, tmp_path):
                 f"run_dir={runs}",
                 "data.chunk_rows=64",
                 "data.min_rows_per_pass=64",
+                "tasks.demo_det.batch_size=2",
             )
             for a in ("--set", s)
         ],
@@ -139,21 +144,25 @@ def test_demo_job_survives_a_killed_worker_and_a_lost_node(cluster, tmp_path):
     assert "gppf-fault" in submitted, submitted
 
     # 1. A training worker process dies (SIGKILL by pid) after the first checkpoint is committed.
-    _wait("a committed checkpoint", lambda: committed_steps(runs))
+    _wait("a committed checkpoint", lambda: committed_steps(runs), diagnose=logs)
     os.kill(_train_workers(env)[0], signal.SIGKILL)
-    first = _wait("a resumed attempt", lambda: [m for m in _lines(runs) if m["start_step"] > 0])[0]
+    first = _wait(
+        "a resumed attempt", lambda: [m for m in _lines(runs) if m["start_step"] > 0], diagnose=logs
+    )[0]
 
     # 2. The worker node dies (every process of it, SIGKILL) once a second node has joined.
     script("add-node", "--cpus", "2")
     _wait(
         "a checkpoint committed after the first resume",
         lambda: max(committed_steps(runs), default=0) > first["start_step"],
+        diagnose=logs,
     )
     script("kill-node", "0")
     _wait(
         "a second resume",
         lambda: [m for m in _lines(runs) if m["start_step"] > first["start_step"]],
         timeout=400,
+        diagnose=logs,
     )
 
     status = _wait(
@@ -161,17 +170,18 @@ def test_demo_job_survives_a_killed_worker_and_a_lost_node(cluster, tmp_path):
         lambda: re.search(
             r"Job 'gppf-fault' (succeeded|failed|was stopped)", _ray(env, "job", "status", "gppf-fault")
         ),
+        diagnose=logs,
     )
-    logs = _ray(env, "job", "logs", "gppf-fault")
-    assert status.group(1) == "succeeded", logs[-4000:]
-    resumed = [int(s) for s in re.findall(r"\[gppf\] resumed from checkpoint at step (\d+)", logs)]
+    text = _ray(env, "job", "logs", "gppf-fault")
+    assert status.group(1) == "succeeded", text[-4000:]
+    resumed = [int(s) for s in re.findall(r"\[gppf\] resumed from checkpoint at step (\d+)", text)]
     assert len(resumed) >= 2 and all(s % CKPT_EVERY == 0 and s > 0 for s in resumed), resumed
     # The step counter continues from the checkpointed step: each attempt's first logged step
-    # comes right after its start step, and the run ends at step 40 with the results table.
+    # comes right after its start step, and the run ends at its last step with the results table.
     attempts: dict[int, list[int]] = {}
     for m in _lines(runs):
         attempts.setdefault(m["start_step"], []).append(m["step"])
     for start, steps in attempts.items():
         assert steps[0] == start + 2 and steps == sorted(steps), (start, steps)
     assert sorted(attempts)[1:] == sorted(set(resumed))
-    assert re.search(r"demo_det \| box_AP", logs) and "steps in" in logs
+    assert re.search(r"demo_det \| box_AP", text) and "32 steps in" in text
