@@ -36,7 +36,7 @@ from gppf.task import Task
 class StreamConfig:
     prefetch_batches: int = 4  # batches kept ready per task and worker
     min_rows_per_pass: int = 1024  # small datasets repeat epochs inside one pass
-    chunk_rows: int = 512  # rows decoded (materialised in the object store) ahead of the trainer
+    chunk_rows: int = 256  # rows decoded (materialised in the object store) ahead of the trainer
     cpus_per_task: float = 0.25  # Ray CPUs per decode/augment task (fractional: decode is light)
     stall_warning_s: float = 120.0  # warn (naming the task) when a batch takes longer than this
     preserve_order: bool = True  # deterministic order: the position then identifies the next batch
@@ -177,11 +177,16 @@ class TaskStream:
             pool.shutdown(wait=True, cancel_futures=True)  # let a running materialize finish
 
     def _chunks(self, pass_idx: int) -> list[tuple[int, list[Any]]]:
+        """A pass in chunks of ~chunk_rows rows (whole batches), except a small first chunk of
+        two batches: a stream's first batch then waits for two batches to decode, not a whole
+        chunk, and the next chunk decodes while those train."""
         units = self.pass_units(pass_idx)
         bs = self.task.cfg.batch_size
         rows = math.ceil(max(self.cfg.chunk_rows, bs) / bs) * bs  # whole batches per chunk
         per = max(1, math.ceil(rows / self.rows_per_unit))
-        return [(pass_idx, units[i : i + per]) for i in range(0, len(units), per)]
+        first = min(per, max(1, math.ceil(2 * bs / self.rows_per_unit)))
+        bounds = [0, *range(first, len(units), per), len(units)]
+        return [(pass_idx, units[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
 
     def _start(self) -> None:
         self._queue = queue.Queue(maxsize=max(1, self.cfg.prefetch_batches))
