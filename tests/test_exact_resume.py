@@ -52,8 +52,24 @@ def _steps(metrics_file: Path) -> dict[int, dict]:
 
 
 def _training_worker_pids() -> list[int]:
-    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in ps.splitlines() if "ray::RayTrainWorker" in line]
+    """RayTrainWorker processes of this test's own Ray instance (descendants of this process):
+    never another Ray job's on the same machine."""
+    rows = [
+        line.split(None, 2)
+        for line in subprocess.run(
+            ["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True
+        ).stdout.splitlines()
+    ]
+    children: dict[int, list[int]] = {}
+    for pid, ppid, *_ in rows:
+        children.setdefault(int(ppid), []).append(int(pid))
+    mine, todo = set(), [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in mine:
+                mine.add(child)
+                todo.append(child)
+    return [int(r[0]) for r in rows if int(r[0]) in mine and len(r) > 2 and "ray::RayTrainWorker" in r[2]]
 
 
 def test_killed_worker_resumes_exactly(demo_root, tmp_path, ray_session):
