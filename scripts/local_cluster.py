@@ -11,11 +11,16 @@ Every node is a real `ray start` (the head with `--head`, the others with `--add
 Each node gets an explicit `--object-store-memory` and `--memory` (by default a node reserves
 30 % of the machine's RAM for its object store, which several nodes on one machine cannot all
 have). Worker nodes carry the custom resource `{"local_node_<i>": 1}` so tests can pin work to one.
+Each worker node gets its own `--temp-dir`: nodes that share a session directory share its
+`runtime_resources/`, and a joining node re-unpacks a job's working_dir there (rmtree + unzip),
+which pulls the directory out from under the other nodes' running workers (their cwd is gone, and
+the next `os.getcwd()` in them fails). On a real cluster every node has its own disk.
 
 Jobs: `RAY_ADDRESS=http://127.0.0.1:8266 ray job submit --working-dir . -- python jobs/gppf_r50.py`.
 The cluster uses Ray's token authentication when `~/.ray/auth_token` exists (Ray >= 2.59): the
 script exports RAY_AUTH_MODE=token and creates the token first, and clients must do the same.
-`stop` kills only this cluster's processes (found by its GCS port), not another Ray on the machine.
+`stop` kills only this cluster's processes (found by its session name), not another Ray on the
+machine, and removes the worker nodes' temp dirs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,6 +129,8 @@ def add_node(args: argparse.Namespace, state: dict | None = None) -> int:
     index = len(state["nodes"])
     resources = {**json.loads(args.resources), f"local_node_{index}": 1}
     ports = _node_ports(index)
+    # Short: Ray's Unix socket paths live under it (108-byte limit).
+    temp_dir = Path(state["session_dir"]).parent.parent / f"gppf-node{index}-{state['port']}"
     _run(
         [
             _ray(),
@@ -133,6 +141,7 @@ def add_node(args: argparse.Namespace, state: dict | None = None) -> int:
             "--num-gpus=0",
             f"--object-store-memory={state['object_store_mb'] * 2**20}",
             f"--memory={state['memory_mb'] * 2**20}",
+            f"--temp-dir={temp_dir}",
             "--resources",
             json.dumps(resources),
             *[f"--{k}={v}" for k, v in ports.items()],
@@ -140,7 +149,12 @@ def add_node(args: argparse.Namespace, state: dict | None = None) -> int:
         env,
     )
     state["nodes"].append(
-        {"index": index, "node_manager_port": ports["node-manager-port"], "cpus": args.cpus}
+        {
+            "index": index,
+            "node_manager_port": ports["node-manager-port"],
+            "cpus": args.cpus,
+            "temp_dir": str(temp_dir),
+        }
     )
     _save(state)
     print(index, flush=True)
@@ -198,9 +212,11 @@ def kill_node(index: int) -> list[int]:
 
 def stop() -> None:
     state = _load()
-    # Every process of this cluster names its session directory (or descends from one that does).
+    # Every process of this cluster names its session (under the head's or its node's temp dir),
+    # or descends from one that does.
+    session = Path(state["session_dir"]).name
     for _ in range(3):
-        pids = _trees(state["session_dir"])
+        pids = _trees(session)
         if not pids:
             break
         _kill(pids)
@@ -210,6 +226,9 @@ def stop() -> None:
     record = Path(state["session_dir"]).parent / "ray_current_cluster"
     if record.exists() and record.read_text().strip().endswith(f":{state['port']}"):
         record.unlink()
+    for node in state["nodes"]:
+        if node.get("temp_dir"):
+            shutil.rmtree(node["temp_dir"], ignore_errors=True)
     STATE.unlink(missing_ok=True)
     print("local cluster stopped", flush=True)
 

@@ -101,6 +101,19 @@ def _train_workers(env: dict) -> list[int]:
     return [int(x.split()[0]) for x in ps.splitlines() if "ray::RayTrainWorker" in x]
 
 
+def _workers_without_cwd() -> list[str]:
+    """Ray worker processes whose working directory was deleted under them (Linux /proc)."""
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            name = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            if name.startswith("ray::") and os.readlink(proc / "cwd").endswith(" (deleted)"):
+                out.append(f"{proc.name} {name.strip()}: {os.readlink(proc / 'cwd')}")
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+    return out
+
+
 def test_demo_job_survives_a_killed_worker_and_a_lost_node(cluster, tmp_path):
     env, script = cluster
     runs = tmp_path / "runs"
@@ -157,6 +170,9 @@ def test_demo_job_survives_a_killed_worker_and_a_lost_node(cluster, tmp_path):
         lambda: max(committed_steps(runs), default=0) > first["start_step"],
         diagnose=logs,
     )
+    # The joining node unpacked the job's working_dir too, without pulling it from under node 0's
+    # workers (which would make every later import that calls os.getcwd() fail in them).
+    assert not _workers_without_cwd(), _workers_without_cwd()
     script("kill-node", "0")
     _wait(
         "a second resume",
