@@ -4,18 +4,11 @@ node is lost; metrics.jsonl logs the world size of every step."""
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
-from tests.test_local_cluster import _ray, _wait, cluster  # noqa: F401  (the fixture)
+from tests.test_local_cluster import _lines, _ray, _wait, cluster  # noqa: F401  (the fixture)
 
 SLOT = '{"trainer_slot": 1}'  # one training worker per node that has this resource
-
-
-def _lines(run_dir: Path) -> list[dict]:
-    files = list(run_dir.glob("*/metrics.jsonl"))
-    return [json.loads(x) for x in files[0].read_text().splitlines()] if files else []
 
 
 def test_grow_then_shrink(cluster, tmp_path):  # noqa: F811

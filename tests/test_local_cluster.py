@@ -96,22 +96,30 @@ def _wait(what: str, cond, timeout: float = 300.0, diagnose=None):
     raise AssertionError(f"timed out waiting for {what}" + (f"\n{diagnose()}" if diagnose else ""))
 
 
-def _train_workers(env: dict) -> list[int]:
-    ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(x.split()[0]) for x in ps.splitlines() if "ray::RayTrainWorker" in x]
-
-
-def _workers_without_cwd() -> list[str]:
-    """Ray worker processes whose working directory was deleted under them (Linux /proc)."""
+def _ray_processes(env: dict) -> list[tuple[int, str, str]]:
+    """(pid, process name, cwd) of this cluster's Ray workers: a job's workers run in its
+    working_dir under the cluster's session directory, so another Ray on the machine (its
+    session has another name) is never touched. Linux /proc."""
+    session = Path(json.loads(Path(env["GPPF_LOCAL_CLUSTER_STATE"]).read_text())["session_dir"]).name
     out = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            name = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            if name.startswith("ray::") and os.readlink(proc / "cwd").endswith(" (deleted)"):
-                out.append(f"{proc.name} {name.strip()}: {os.readlink(proc / 'cwd')}")
+            name = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace").strip()
+            cwd = os.readlink(proc / "cwd")
         except OSError:  # exited meanwhile, or not ours to read
             continue
+        if name.startswith("ray::") and session in cwd:
+            out.append((int(proc.name), name, cwd))
     return out
+
+
+def _train_workers(env: dict) -> list[int]:
+    return [pid for pid, name, _ in _ray_processes(env) if name.startswith("ray::RayTrainWorker")]
+
+
+def _workers_without_cwd(env: dict) -> list[str]:
+    """Workers whose working directory was deleted under them."""
+    return [f"{pid} {name}: {cwd}" for pid, name, cwd in _ray_processes(env) if cwd.endswith(" (deleted)")]
 
 
 def test_demo_job_survives_a_killed_worker_and_a_lost_node(cluster, tmp_path):
@@ -172,7 +180,7 @@ def test_demo_job_survives_a_killed_worker_and_a_lost_node(cluster, tmp_path):
     )
     # The joining node unpacked the job's working_dir too, without pulling it from under node 0's
     # workers (which would make every later import that calls os.getcwd() fail in them).
-    assert not _workers_without_cwd(), _workers_without_cwd()
+    assert not _workers_without_cwd(env), _workers_without_cwd(env)
     script("kill-node", "0")
     _wait(
         "a second resume",
