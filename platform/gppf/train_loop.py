@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -247,10 +248,22 @@ def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") ->
 
 
 # ----------------------------------------------------------------------------------------
+def _quiet_ray_train_reports() -> None:
+    """Ray Train V2 logs every `report` at INFO with its whole metrics dict (each rank's task for
+    every step of the window), from every rank: kilobytes per report that bury the platform's own
+    one-line progress. Its logger is named after its file."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: keep its logging as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker (`TorchTrainer(train_loop_per_worker=...)`)."""
     import ray.train
 
+    _quiet_ray_train_reports()
     cfg = from_dict(JobConfig, config["job"], where="config")
     ctx = ray.train.get_context()
     threads = cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
