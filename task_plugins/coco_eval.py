@@ -64,8 +64,14 @@ def _quiet() -> Iterator[None]:
         builtins.print = saved
 
 
-def coco_ap(gt: dict, results: list[dict], iou_types: tuple[str, ...]) -> dict[str, float]:
-    """COCOeval's AP and AP50 (in %) for each IoU type; 0 when there are no detections."""
+def coco_ap(
+    gt: dict, results: list[dict], iou_types: tuple[str, ...], image_ids: list[int] | None = None
+) -> dict[str, float]:
+    """COCOeval's AP and AP50 (in %) for each IoU type; 0 when there are no detections.
+
+    `image_ids`: the images the model was run on (all of `gt` when None). A capped evaluation
+    (`train.eval_max_batches`) must be scored on those only: every other image's objects would
+    count as missed."""
     out: dict[str, float] = {}
     prefix = {"bbox": "box", "segm": "mask"}
     with _quiet():  # COCOeval prints its whole summary
@@ -78,6 +84,8 @@ def coco_ap(gt: dict, results: list[dict], iou_types: tuple[str, ...]) -> dict[s
                 stats = np.zeros(12)
             else:
                 ev = COCOeval(coco_gt, coco_dt, iou_type)
+                if image_ids is not None:
+                    ev.params.imgIds = sorted(set(image_ids))
                 ev.evaluate()
                 ev.accumulate()
                 ev.summarize()
@@ -88,7 +96,7 @@ def coco_ap(gt: dict, results: list[dict], iou_types: tuple[str, ...]) -> dict[s
 
 
 class CocoEvaluator(Evaluator):
-    """Collects every worker's detections, then rank 0 runs COCOeval and shares the numbers."""
+    """Collects every worker's detections on rank 0, which runs COCOeval and shares the numbers."""
 
     primary = "box_AP"
 
@@ -97,10 +105,12 @@ class CocoEvaluator(Evaluator):
         self.label_to_category = label_to_category
         self.iou_types = ("bbox", "segm") if masks else ("bbox",)
         self.results: list[dict] = []
+        self.image_ids: list[int] = []  # the images evaluated (an image may have no detections)
         self.metrics: dict[str, float] | None = None
 
     def update(self, outputs: list[dict[str, torch.Tensor]], batch: dict[str, torch.Tensor]) -> None:
         for i, det in enumerate(outputs):
+            self.image_ids.append(int(batch["image_id"][i]))
             h, w = (int(v) for v in batch["orig_size"][i].tolist())
             self.results.extend(
                 detections_to_coco(
@@ -111,15 +121,20 @@ class CocoEvaluator(Evaluator):
     def synchronize(self, device: torch.device) -> None:
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, self.results)
-        self.results = [r for part in gathered for r in part]
-        # One rank evaluates (COCOeval of a large split takes minutes), the others receive it.
-        box = [coco_ap(self.gt, self.results, self.iou_types) if dist.get_rank() == 0 else None]
+        # Only rank 0 receives the detections (an all-gather would copy all of them to every rank),
+        # evaluates (COCOeval of a large split takes minutes), and broadcasts the numbers.
+        rank0 = dist.get_rank() == 0
+        gathered: list[Any] | None = [None] * dist.get_world_size() if rank0 else None
+        dist.gather_object((self.image_ids, self.results), gathered, dst=0)
+        box: list[Any] = [None]
+        if rank0:
+            self.image_ids = [i for ids, _ in gathered for i in ids]
+            self.results = [r for _, part in gathered for r in part]
+            box = [coco_ap(self.gt, self.results, self.iou_types, self.image_ids)]
         dist.broadcast_object_list(box, src=0)
         self.metrics = box[0]
 
     def compute(self) -> dict[str, float]:
         if self.metrics is None:
-            self.metrics = coco_ap(self.gt, self.results, self.iou_types)
+            self.metrics = coco_ap(self.gt, self.results, self.iou_types, self.image_ids)
         return self.metrics

@@ -156,3 +156,33 @@ def test_distributed_evaluation_equals_single_process(demo_root):
     per_rank = run_distributed(_rank_eval, 2, str(ann), str(demo_root / "detection" / "val2017"))
     for got in per_rank:
         assert abs(got["box_AP"] - ref["box_AP"]) < 1e-6
+
+
+def test_capped_evaluation_scores_only_the_images_it_ran(demo_root):
+    """`eval_max_batches` runs the model on some images: AP is COCOeval's on exactly those, not on
+    the whole split (where every image never run would count as all misses)."""
+    ann = demo_root / "detection" / "annotations" / "instances_val2017.json"
+    idx = load_coco(ann, demo_root / "detection" / "val2017", "det")
+    ran = [img["image_id"] for img in idx.images[:4]]  # of 16
+    results = [r for r in _predictions(ann) if r["image_id"] in ran]
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann))
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.params.imgIds = sorted(ran)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    label_of = {c: i for i, c in enumerate(idx.label_to_category)}
+    evaluator = CocoEvaluator(idx.gt, idx.label_to_category, masks=False)
+    for image_id in ran:
+        img = next(i for i in idx.images if i["image_id"] == image_id)
+        batch = {
+            "image_id": torch.tensor([image_id]),
+            "scale": torch.tensor([1.0]),
+            "orig_size": torch.tensor([[img["height"], img["width"]]]),
+        }
+        evaluator.update([_as_model_outputs(results, image_id, 1.0, label_of)], batch)
+    got = evaluator.compute()
+    assert abs(got["box_AP"] - 100 * ev.stats[0]) < 1e-6 and abs(got["box_AP50"] - 100 * ev.stats[1]) < 1e-6
+    whole_split = coco_ap(idx.gt, results, ("bbox",))["box_AP"]
+    assert got["box_AP"] > 2 * whole_split, (got, whole_split)
