@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.image_list import ImageList
@@ -22,6 +23,18 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from gppf.task import FeatureInfo
+
+
+class Float32BoxCoder(BoxCoder):
+    """torchvision decodes boxes in the dtype of the predicted offsets, which under bf16 autocast
+    has 4-pixel steps between 512 and 1024: proposals, regression targets and final boxes are
+    computed in float32 instead (as detectron2 does); the convs and FCs stay under autocast."""
+
+    def decode(self, rel_codes: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+        return super().decode(rel_codes.float(), [b.float() for b in boxes])
+
+    def encode(self, reference: list[torch.Tensor], proposals: list[torch.Tensor]) -> list[torch.Tensor]:
+        return super().encode([b.float() for b in reference], [p.float() for p in proposals])
 
 
 @dataclass
@@ -105,6 +118,8 @@ class RCNNHead(nn.Module):
             detections_per_img=cfg.detections_per_image,
             **mask_kwargs,
         )
+        self.rpn.box_coder = Float32BoxCoder(self.rpn.box_coder.weights)
+        self.roi_heads.box_coder = Float32BoxCoder(self.roi_heads.box_coder.weights)
         self.masks = masks
 
     def targets(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -119,7 +134,10 @@ class RCNNHead(nn.Module):
             out.append(t)
         return out
 
-    def forward(self, feats: list[torch.Tensor], batch: dict[str, torch.Tensor]):
+    def forward(
+        self, feats: list[torch.Tensor], batch: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        """Training: the RPN and RoI losses. Evaluation: per-image detections (0-based labels)."""
         pyramid = self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
         sizes = [(int(h), int(w)) for h, w in batch["size"].tolist()]
         images = ImageList(batch["image"], sizes)

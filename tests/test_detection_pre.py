@@ -77,3 +77,24 @@ def test_heads_never_use_cross_task_bn(demo_root):
     model = MultiTaskModel(Backbone("resnet10t"), tasks)
     assert any(isinstance(m, CrossTaskBatchNorm2d) for m in model.backbone.modules())
     assert not any(isinstance(m, (CrossTaskBatchNorm2d, torch.nn.BatchNorm2d)) for m in model.heads.modules())
+
+
+def test_boxes_are_decoded_in_float32_under_bf16_autocast(demo_root):
+    """Under bf16 autocast (the GPU default) box offsets come out of the convs in bf16, which has
+    4-pixel steps between 512 and 1024 px; proposals and detections must still be float32."""
+    from gppf.backbone import Backbone
+    from gppf.model import MultiTaskModel
+
+    task = build_task("det", task_entries(demo_root)["det"])
+    model = MultiTaskModel(Backbone("resnet10t"), [task]).eval()
+    batch = {"image": torch.randn(2, 3, 64, 64), "size": torch.tensor([[64, 64], [64, 48]])}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        detections, _ = model(batch["image"], "det", batch)
+    assert sum(len(d["boxes"]) for d in detections) > 0
+    assert all(d["boxes"].dtype == torch.float32 for d in detections)
+
+    coder = model.heads["det"].rpn.box_coder
+    anchors = [torch.tensor([[700.0, 600.0, 760.0, 640.0]])]
+    codes = torch.tensor([[0.013, -0.021, 0.05, -0.04]]).bfloat16()
+    decoded = coder.decode(codes, anchors)
+    assert decoded.dtype == torch.float32 and torch.equal(decoded, coder.decode(codes.float(), anchors))
