@@ -114,8 +114,9 @@ class DetectionTask(Task):
             root = Path(self.cfg.data_root)
             ann = self.cfg.train_annotations if split == "train" else self.cfg.val_annotations
             images = self.cfg.train_images if split == "train" else self.cfg.val_images
+            cfg = self.cfg
             self._index[split] = load_coco(
-                root / ann, root / images, self.name, self.cfg.image_key, self.cfg.masks
+                root / ann, root / images, self.name, cfg.image_key, cfg.masks, keep_gt=split != "train"
             )
         return self._index[split]
 

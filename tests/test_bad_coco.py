@@ -117,3 +117,52 @@ def test_invalid_json_is_named(demo_root, tmp_path):
     ann.write_text('{"images": [')
     with pytest.raises(CocoFormatError, match=r"instances_val2017\.json: not valid JSON"):
         load_coco(ann, ann.parent.parent / "val2017", "det")
+
+
+def test_wrong_value_types_and_duplicate_ids_are_named(demo_root, tmp_path):
+    images = tmp_path / "unused"
+    cases = [
+        (lambda d: d["annotations"][2]["bbox"].__setitem__(0, "x"), r"annotations\[2\] \(id \d+\): Value"),
+        (lambda d: d["images"][4].__setitem__("height", None), r"images\[4\]: TypeError"),
+        (lambda d: d["annotations"].__setitem__(1, "oops"), r"annotations\[1\] \(id \?\) is not an object"),
+        (lambda d: d["images"][3].__setitem__("id", d["images"][0]["id"]), r"images\[3\] repeats image id"),
+    ]
+    for k, (spoil, message) in enumerate(cases):
+        ann, doc = _copy(demo_root, tmp_path / str(k))
+        spoil(doc)
+        with pytest.raises(CocoFormatError, match=rf"instances_val2017\.json: {message}"):
+            load_coco(_write(ann, doc), images, "det")
+
+
+def test_unusable_polygons_are_dropped_and_bad_segmentations_named(demo_root, tmp_path, capfd):
+    ann, doc = _copy(demo_root, tmp_path)
+    images = ann.parent.parent / "val2017"
+    first, second = doc["annotations"][0], doc["annotations"][1]
+    good = first["segmentation"][0]
+    first["segmentation"] = [[1.0, 2.0, 3.0, 4.0], good[:-1]]  # a "box" and an odd polygon: no polygon left
+    second["segmentation"] = [[1.0, 2.0, 3.0, 4.0], good]  # keeps its valid polygon
+    idx = load_coco(_write(ann, doc), images, "det")
+    assert idx.skipped["annotation without a valid polygon"] == 1
+    assert f"1 annotation without a valid polygon, e.g. annotation id {first['id']}" in capfd.readouterr().out
+    kept = [a for img in idx.images for a in img["anns"] if a[5] == [[float(v) for v in good]]]
+    assert len(kept) == 1 and first["id"] not in {a["id"] for a in idx.gt["annotations"]}
+
+    for k, (seg, message) in enumerate(
+        [
+            ({"size": [3, 3], "counts": "abc"}, r"RLE size \[3, 3\] is not its image's \[height, width\]"),
+            ("polygon", r"segmentation must be a list of polygons or an RLE dict"),
+            ([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], r"segmentation must be a list of polygons or an RLE dict"),
+        ]
+    ):
+        ann, doc = _copy(demo_root, tmp_path / f"s{k}")
+        doc["annotations"][2]["segmentation"] = seg
+        with pytest.raises(CocoFormatError, match=rf"annotations\[2\] \(id \d+\): {message}"):
+            load_coco(_write(ann, doc), images, "det")
+
+
+def test_training_split_index_keeps_no_second_copy_for_evaluation(demo_root):
+    root = demo_root / "detection"
+    args = (root / "annotations" / "instances_train2017.json", root / "train2017", "det")
+    train = load_coco(*args, keep_gt=False)
+    assert train.gt["annotations"] == [] and sum(len(i["anns"]) for i in train.images) > 0
+    assert len(load_coco(*args).gt["annotations"]) >= sum(len(i["anns"]) for i in train.images)
