@@ -62,8 +62,12 @@ def convert(boxes_csv: Path, classes_csv: Path, image_dir: Path, skip_missing: b
             img = images[image_id]
             if not img:
                 continue
-            x0, x1 = float(row["XMin"]) * img["width"], float(row["XMax"]) * img["width"]
-            y0, y1 = float(row["YMin"]) * img["height"], float(row["YMax"]) * img["height"]
+            try:
+                x0, x1 = float(row["XMin"]) * img["width"], float(row["XMax"]) * img["width"]
+                y0, y1 = float(row["YMin"]) * img["height"], float(row["YMax"]) * img["height"]
+            except (TypeError, ValueError):
+                coords = {k: row[k] for k in ("XMin", "XMax", "YMin", "YMax")}
+                raise ValueError(f"{boxes_csv}:{line}: box coordinates must be numbers: {coords}") from None
             annotations.append(
                 {
                     "id": len(annotations) + 1,

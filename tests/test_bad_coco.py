@@ -166,3 +166,19 @@ def test_training_split_index_keeps_no_second_copy_for_evaluation(demo_root):
     train = load_coco(*args, keep_gt=False)
     assert train.gt["annotations"] == [] and sum(len(i["anns"]) for i in train.images) > 0
     assert len(load_coco(*args).gt["annotations"]) >= sum(len(i["anns"]) for i in train.images)
+
+
+def test_openimages_bad_coordinate_names_csv_line(tmp_path):
+    from PIL import Image
+
+    from task_plugins.openimages_to_coco import convert
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (20, 10)).save(tmp_path / "img" / "00aa.jpg")
+    (tmp_path / "classes.csv").write_text("/m/01,cat\n")
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text(
+        "ImageID,LabelName,XMin,XMax,YMin,YMax\n00aa,/m/01,0.1,0.5,0.2,0.6\n00aa,/m/01,,0.5,0.2,x\n"
+    )
+    with pytest.raises(ValueError, match=r"boxes\.csv:3: box coordinates must be numbers: .*'XMin': ''"):
+        convert(boxes, tmp_path / "classes.csv", tmp_path / "img")
