@@ -54,6 +54,9 @@ class DetectionConfig(TaskConfig):
 
 _MEAN = torch.from_numpy(IMAGENET_MEAN)[:, None, None]
 _STD = torch.from_numpy(IMAGENET_STD)[:, None, None]
+# LSJ pads small crops with the mean colour, which normalises to 0: the value evaluation pads
+# with (and torchvision's and detectron2's detectors pad with), so padding looks the same to the model.
+_PAD_FILL = {tv_tensors.Image: tuple(int(round(255 * float(m))) for m in IMAGENET_MEAN), tv_tensors.Mask: 0}
 
 
 def decode_mask(seg: Any, h: int, w: int) -> np.ndarray:
@@ -182,7 +185,7 @@ class DetectionTask(Task):
         lsj = v2.Compose(
             [
                 v2.ScaleJitter((s, s), scale_range=tuple(self.cfg.lsj_scale)),
-                v2.RandomCrop((s, s), pad_if_needed=True),
+                v2.RandomCrop((s, s), pad_if_needed=True, fill=_PAD_FILL),
                 v2.RandomHorizontalFlip(),
             ]
         )

@@ -98,3 +98,19 @@ def test_boxes_are_decoded_in_float32_under_bf16_autocast(demo_root):
     codes = torch.tensor([[0.013, -0.021, 0.05, -0.04]]).bfloat16()
     decoded = coder.decode(codes, anchors)
     assert decoded.dtype == torch.float32 and torch.equal(decoded, coder.decode(codes.float(), anchors))
+
+
+def test_training_and_evaluation_pad_alike(demo_root):
+    """LSJ's padding (a crop of a shrunk image) and evaluation's padding (to a square) are both the
+    mean colour, 0 after normalisation: the model never sees a padding it was not trained on."""
+    entry = {**task_entries(demo_root)["det"], "input_size": 96, "lsj_scale": [0.3, 0.3], "copy_paste": 0.0}
+    task = build_task("det", entry)
+    train = task.preprocess(_batch(task), train=True, seed=0)["image"]
+    val_units = task.source("val").units[:2]
+    val = task.preprocess({k: np.array([u[k] for u in val_units]) for k in val_units[0]}, train=False, seed=0)
+    # The demo images are 128 px or less: at scale 0.3 each fills under 40x40 px of the 96x96 crop.
+    at_zero = (np.abs(train) < 0.02).all(axis=1).mean(axis=(1, 2))
+    assert (at_zero > 0.75).all() and (at_zero < 0.95).all(), at_zero
+    padded = [val["image"][i, :, int(h) :, :] for i, (h, w) in enumerate(val["size"]) if h < 96]
+    padded += [val["image"][i, :, :, int(w) :] for i, (h, w) in enumerate(val["size"]) if w < 96]
+    assert all(np.abs(p).max() < 0.02 for p in padded)
