@@ -17,8 +17,9 @@ which pulls the directory out from under the other nodes' running workers (their
 the next `os.getcwd()` in them fails). On a real cluster every node has its own disk.
 
 Jobs: `RAY_ADDRESS=http://127.0.0.1:8266 ray job submit --working-dir . -- python jobs/gppf_r50.py`.
-The cluster uses Ray's token authentication when `~/.ray/auth_token` exists (Ray >= 2.59): the
-script exports RAY_AUTH_MODE=token and creates the token first, and clients must do the same.
+The cluster always uses Ray's token authentication (Ray >= 2.59): the script creates
+`~/.ray/auth_token` if it is missing and starts every node with RAY_AUTH_MODE=token; clients on
+this machine then export RAY_AUTH_MODE=token too.
 `stop` kills only this cluster's processes (found by its session name), not another Ray on the
 machine, and removes the worker nodes' temp dirs.
 """
@@ -84,6 +85,8 @@ def _node_ports(index: int) -> dict[str, int]:
 
 
 def start(args: argparse.Namespace) -> dict:
+    if STATE.exists():  # starting over it would lose the record `stop` needs to find its processes
+        raise SystemExit(f"a local cluster is already recorded in {STATE}: run `stop` first")
     env = _env()
     state = {
         "port": args.port,

@@ -56,7 +56,10 @@ class RCNNConfig:
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, max(1, channels // 4)), channels)
+    """32 groups as in the paper's heads; fewer for narrow heads (at least 4 channels a group),
+    always a divisor of `channels`."""
+    groups = max(g for g in range(1, min(32, max(1, channels // 4)) + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
 
 
 def unpack_masks(packed: torch.Tensor, size: int) -> torch.Tensor:

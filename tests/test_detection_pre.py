@@ -114,3 +114,13 @@ def test_training_and_evaluation_pad_alike(demo_root):
     padded = [val["image"][i, :, int(h) :, :] for i, (h, w) in enumerate(val["size"]) if h < 96]
     padded += [val["image"][i, :, :, int(w) :] for i, (h, w) in enumerate(val["size"]) if w < 96]
     assert all(np.abs(p).max() < 0.02 for p in padded)
+
+
+def test_group_norm_divides_any_head_width():
+    from task_plugins.rcnn import group_norm
+
+    assert group_norm(256).num_groups == 32 and group_norm(16).num_groups == 4
+    for channels in (130, 96, 3, 1):
+        gn = group_norm(channels)
+        assert channels % gn.num_groups == 0
+        gn(torch.randn(2, channels, 4, 4))

@@ -414,13 +414,15 @@ class _Logger:
 
     def close(self) -> None:
         self.jsonl.close()
-        if self.has_routes:  # selection plots (GPPF Fig. 3 and 11) next to the logs
-            import numpy as np
-            from PIL import Image
+        try:
+            if self.has_routes:  # selection plots (GPPF Fig. 3 and 11) next to the logs
+                import numpy as np
+                from PIL import Image
 
-            from gppf.plots import draw
+                from gppf.plots import draw
 
-            for path in draw(self.dir.parent):
-                img = np.asarray(Image.open(path).convert("RGB"))
-                self.writer.add_image(f"selection/{path.stem}", img, self.total, dataformats="HWC")
-        self.writer.close()
+                for path in draw(self.dir.parent):
+                    img = np.asarray(Image.open(path).convert("RGB"))
+                    self.writer.add_image(f"selection/{path.stem}", img, self.total, dataformats="HWC")
+        finally:  # a failed plot must not lose the TensorBoard events already buffered
+            self.writer.close()
