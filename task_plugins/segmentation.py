@@ -244,7 +244,9 @@ class SegmentationTask(Task):
         valid = (mask != self.cfg.ignore_index).sum().clamp(min=1)
         return F.cross_entropy(logits, mask, ignore_index=self.cfg.ignore_index, reduction="sum") / valid
 
-    def loss(self, outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(
+        self, outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor], batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         if isinstance(outputs, tuple):  # UperNet in training: (main, auxiliary FCN)
             main, aux = outputs
             return self._ce(main, batch["mask"]) + self.cfg.aux_weight * self._ce(aux, batch["mask"])

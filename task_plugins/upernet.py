@@ -23,7 +23,7 @@ def conv_gn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
     )
 
 
-def _up(x: torch.Tensor, size) -> torch.Tensor:
+def _up(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
@@ -88,7 +88,7 @@ class UperNetWithAux(nn.Module):
         self.aux = FCNHead(features[aux_index].channels, num_classes, aux_channels)
         self.stride = features[0].reduction
 
-    def forward(self, feats: list[torch.Tensor]):
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         size = (feats[0].shape[-2] * self.stride, feats[0].shape[-1] * self.stride)
         main = _up(self.main(feats), size)
         if not self.training:
