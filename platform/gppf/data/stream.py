@@ -8,6 +8,9 @@ each task's units:
     pass p of task t on rank r = concat over epochs e in p of permute(units, seed, t, e)[r::world]
                                  -> task.source.read -> map_batches(task.preprocess) -> batches
 
+with per-sample augmentation seeded per epoch (a pass repeats a small dataset for several epochs,
+and each repeat is augmented anew),
+
 so there is no shared coordinator, a worker that stops pulling a task only stops its own
 pipeline (Ray Data backpressure), the number of steps is unbounded (passes roll over), and the
 share follows the world size. The position (pass, batches taken) is the whole stream state.
@@ -109,15 +112,13 @@ class TaskStream:
         rows = max(1, len(self._share(0)) * self.rows_per_unit)
         return max(1, math.ceil(self.cfg.min_rows_per_pass / rows))
 
-    def pass_units(self, pass_idx: int) -> list[Any]:
-        k = self.epochs_per_pass()
-        out: list[Any] = []
-        for e in range(pass_idx * k, (pass_idx + 1) * k):
-            out.extend(self._share(e))
-        return out
-
     def pass_seed(self, pass_idx: int) -> int:
         rng = np.random.default_rng([self.seed, task_key(self.task.name), pass_idx, self.rank])
+        return int(rng.integers(2**31))
+
+    def epoch_seed(self, epoch: int) -> int:
+        """The `seed` that `preprocess` derives per-sample augmentation from, for one epoch."""
+        rng = np.random.default_rng([self.seed, task_key(self.task.name), 1, epoch, self.rank])
         return int(rng.integers(2**31))
 
     # -- producer thread ---------------------------------------------------------------------
@@ -133,9 +134,8 @@ class TaskStream:
 
         seen = 0
 
-        def materialize(pass_idx: int, chunk: list[Any]):
-            ds = build_dataset(self.task, self.read, chunk, True, self.pass_seed(pass_idx), self.cfg)
-            return ds.materialize()
+        def materialize(pass_idx: int, seed: int, chunk: list[Any]):
+            return build_dataset(self.task, self.read, chunk, True, seed, self.cfg).materialize()
 
         # Chunks of a pass are materialised one ahead of the one being consumed: Ray Data's
         # executor then only runs while there is decoding to do. (A long-lived streaming
@@ -167,8 +167,9 @@ class TaskStream:
                 if seen == 0:
                     raise RuntimeError(
                         f"task {self.task.name!r}: rank {self.rank}'s share of a pass yields no full batch "
-                        f"of {self.task.cfg.batch_size} (each chunk of data.chunk_rows rows or each file "
-                        f"is batched on its own); lower tasks.{self.task.name}.batch_size or add data"
+                        f"of {self.task.cfg.batch_size} (each chunk, at most data.chunk_rows rows of one "
+                        f"epoch, or each file is batched on its own); lower "
+                        f"tasks.{self.task.name}.batch_size or add data"
                     )
                 pass_idx, skip, seen, plan = pass_idx + 1, 0, 0, plan_next
         except BaseException as e:  # hand it to the trainer, which raises it with the task's name
@@ -176,17 +177,24 @@ class TaskStream:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # let a running materialize finish
 
-    def _chunks(self, pass_idx: int) -> list[tuple[int, list[Any]]]:
-        """A pass in chunks of ~chunk_rows rows (whole batches), except a small first chunk of
-        two batches: a stream's first batch then waits for two batches to decode, not a whole
-        chunk, and the next chunk decodes while those train."""
-        units = self.pass_units(pass_idx)
+    def _chunks(self, pass_idx: int) -> list[tuple[int, int, list[Any]]]:
+        """A pass as (pass, augmentation seed, units) chunks of ~chunk_rows rows (whole batches).
+        Chunks do not straddle epochs, so each carries its epoch's seed: an image appears once per
+        epoch, and its repeats in later epochs of the pass get new augmentations. The pass starts
+        with a small chunk of two batches: its first batch then waits for two batches to decode,
+        not a whole chunk, and the next chunk decodes while those train."""
         bs = self.task.cfg.batch_size
         rows = math.ceil(max(self.cfg.chunk_rows, bs) / bs) * bs  # whole batches per chunk
         per = max(1, math.ceil(rows / self.rows_per_unit))
-        first = min(per, max(1, math.ceil(2 * bs / self.rows_per_unit)))
-        bounds = [0, *range(first, len(units), per), len(units)]
-        return [(pass_idx, units[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+        k = self.epochs_per_pass()
+        out = []
+        for j, epoch in enumerate(range(pass_idx * k, (pass_idx + 1) * k)):
+            units = self._share(epoch)
+            first = min(per, max(1, math.ceil(2 * bs / self.rows_per_unit))) if j == 0 else per
+            bounds = [0, *range(first, len(units), per), len(units)]
+            seed = self.epoch_seed(epoch)
+            out += [(pass_idx, seed, units[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+        return out
 
     def _start(self) -> None:
         self._queue = queue.Queue(maxsize=max(1, self.cfg.prefetch_batches))
