@@ -45,7 +45,7 @@ def full_config(data_root: str) -> JobConfig:
                                                     hold some images out)
     coco/{train2017,val2017}/*.jpg, coco/annotations/instances_{train,val}2017.json
     lvis/lvis_v1_{train,val}.json                  (images: coco/train2017, coco/val2017 via coco_url)
-    objects365/{train,val}/..., objects365/annotations/zhiyuan_objv2_{train,val}.json
+    objects365/{train,val}/patchN/..., objects365/annotations/zhiyuan_objv2_{train,val}.json
     openimages/{train,validation}/<ImageID>.jpg,
     openimages/annotations/openimages_{train,val}_bbox.json   (made by task_plugins.openimages_to_coco)
     ADEChallengeData2016/{images,annotations}/{training,validation}/
@@ -91,6 +91,7 @@ def full_config(data_root: str) -> JobConfig:
                 "val_images": "val",
                 "train_annotations": "annotations/zhiyuan_objv2_train.json",
                 "val_annotations": "annotations/zhiyuan_objv2_val.json",
+                "path_components": 2,  # "images/v1/patch8/x.jpg" is train/patch8/x.jpg on disk
             },
             "openimages": {
                 "type": "detection",

@@ -82,13 +82,15 @@ def _clean_segmentation(seg: Any, img: dict, where: str) -> Any:
     raise CocoFormatError(f"{where}: segmentation must be a list of polygons or an RLE dict, got {seg!r:.80}")
 
 
-def _file_name(img: dict, key: str) -> str | None:
+def _file_name(img: dict, key: str, components: int) -> str | None:
     value = img.get(key)
     if value is None:
         return None
     # LVIS names images by URL (coco_url, ".../train2017/000000391895.jpg") and its val split mixes
     # COCO's train and val images: the file is "<split dir>/<name>" under the image directory.
-    return "/".join(value.rsplit("/", 2)[-2:]) if key.endswith("url") else value
+    # Objects365's file names ("images/v1/patch8/x.jpg") carry a prefix its archives do not have.
+    components = components or (2 if key.endswith("url") else 0)
+    return "/".join(value.split("/")[-components:]) if components else value
 
 
 def load_coco(
@@ -98,11 +100,13 @@ def load_coco(
     image_key: str = "file_name",
     masks: bool = True,
     keep_gt: bool = True,
+    path_components: int = 0,
 ) -> CocoIndex:
     """Parse `ann_file`, validate every record and index annotations by image.
 
     `keep_gt=False` (a training split) leaves `CocoIndex.gt` without annotations: only evaluation
-    needs that second copy, which for Objects365 is millions of records."""
+    needs that second copy, which for Objects365 is millions of records. `path_components` > 0
+    keeps only the last that many components of each image's file name (or URL; 2 for URLs)."""
     path = Path(ann_file)
     if not path.is_file():
         raise FileNotFoundError(f"task {task!r}: annotation file {path} does not exist")
@@ -128,7 +132,7 @@ def load_coco(
     for i, img in enumerate(doc["images"]):
         with _record(path, f"images[{i}]"):
             _need(img, ("id", "height", "width"), f"images[{i}]", path)
-            name = _file_name(img, image_key)
+            name = _file_name(img, image_key, path_components)
             if not name:
                 raise CocoFormatError(f"{path}: images[{i}] (id {img['id']}) has no {image_key!r} key")
             if int(img["id"]) in images:

@@ -45,6 +45,8 @@ class DetectionConfig(TaskConfig):
     val_images: str = "val2017"
     val_annotations: str = "annotations/instances_val2017.json"
     image_key: str = "file_name"  # LVIS: "coco_url" (the file is the URL's last component)
+    # > 0: only the file name's last N components locate the image (Objects365: 2, "patchN/x.jpg")
+    path_components: int = 0
     masks: bool = True  # Mask R-CNN; false: Faster R-CNN (box-only datasets)
     max_instances: int = 100  # per training image after augmentation; more are dropped at random
     lsj_scale: tuple[float, float] = (0.1, 2.0)
@@ -119,7 +121,13 @@ class DetectionTask(Task):
             images = self.cfg.train_images if split == "train" else self.cfg.val_images
             cfg = self.cfg
             self._index[split] = load_coco(
-                root / ann, root / images, self.name, cfg.image_key, cfg.masks, keep_gt=split != "train"
+                root / ann,
+                root / images,
+                self.name,
+                cfg.image_key,
+                cfg.masks,
+                keep_gt=split != "train",
+                path_components=cfg.path_components,
             )
         return self._index[split]
 

@@ -76,7 +76,8 @@ def make_paper_layouts(root: Path, seed: int = 0) -> Path:
     o365 = root / "objects365"
     (o365 / "annotations").mkdir(parents=True)
     for split, first in (("train", 1000), ("val", 2000)):
-        imgs, anns = _coco_split(o365 / split / "images" / "v1", "patch0", 3, rng, first, masks=False)
+        # The archives unpack to <split>/patchN/; the JSON names files "images/v1/patchN/...".
+        imgs, anns = _coco_split(o365 / split, "patch0", 3, rng, first, masks=False)
         for im in imgs:
             im["file_name"] = f"images/v1/patch0/{im['file_name']}"
         doc = {"images": imgs, "annotations": anns, "categories": CATS}
