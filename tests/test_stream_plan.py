@@ -38,3 +38,18 @@ def test_pass_repeats_epochs_with_new_augmentation_seeds(demo_root):
     a = task.preprocess(batch, train=True, seed=p0[1])["image"]
     b = task.preprocess(batch, train=True, seed=p1[1])["image"]
     assert not np.array_equal(a, b)
+
+
+def test_share_smaller_than_a_batch_is_chunked_across_epochs(demo_root):
+    """A tiny dataset on many workers: one image per epoch and worker, batches of 4. Chunks then
+    span epochs (or no batch could ever be formed), each with its own seed."""
+    task = build_task("det", {**task_entries(demo_root)["det"], "batch_size": 4})
+    world = len(task.source("train").units)  # one unit per rank and epoch
+    cfg = StreamConfig(min_rows_per_pass=32, chunk_rows=8)
+    stream = TaskStream(task, seed=0, rank=3, world=world, cfg=cfg)
+    plan = stream._chunks(0)
+    assert [len(units) for _, _, units in plan] == [8, 8, 8, 8]
+    assert len({seed for _, seed, _ in plan}) == len(plan)
+    assert [u["path"] for _, _, units in plan for u in units] == [
+        u["path"] for e in range(32) for u in stream._share(e)
+    ]

@@ -179,19 +179,30 @@ class TaskStream:
 
     def _chunks(self, pass_idx: int) -> list[tuple[int, int, list[Any]]]:
         """A pass as (pass, augmentation seed, units) chunks of ~chunk_rows rows (whole batches).
+
         Chunks do not straddle epochs, so each carries its epoch's seed: an image appears once per
-        epoch, and its repeats in later epochs of the pass get new augmentations. The pass starts
-        with a small chunk of two batches: its first batch then waits for two batches to decode,
-        not a whole chunk, and the next chunk decodes while those train."""
+        epoch, and its repeats in later epochs of the pass get new augmentations. Only a share
+        smaller than one batch (a tiny dataset on many workers) is chunked across epochs, with a
+        seed per chunk: no batch could be formed otherwise. The pass starts with a small chunk of
+        two batches: its first batch then waits for two batches to decode, not a whole chunk, and
+        the next chunk decodes while those train."""
         bs = self.task.cfg.batch_size
         rows = math.ceil(max(self.cfg.chunk_rows, bs) / bs) * bs  # whole batches per chunk
         per = max(1, math.ceil(rows / self.rows_per_unit))
-        k = self.epochs_per_pass()
-        out = []
-        for j, epoch in enumerate(range(pass_idx * k, (pass_idx + 1) * k)):
-            units = self._share(epoch)
-            first = min(per, max(1, math.ceil(2 * bs / self.rows_per_unit))) if j == 0 else per
+        first = min(per, max(1, math.ceil(2 * bs / self.rows_per_unit)))
+        epochs = range(pass_idx * self.epochs_per_pass(), (pass_idx + 1) * self.epochs_per_pass())
+        if len(self._share(0)) * self.rows_per_unit < bs:
+            units = [u for e in epochs for u in self._share(e)]
             bounds = [0, *range(first, len(units), per), len(units)]
+            return [
+                (pass_idx, self.epoch_seed(epochs[0]) + i, units[a:b])
+                for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
+                if b > a
+            ]
+        out = []
+        for j, epoch in enumerate(epochs):
+            units = self._share(epoch)
+            bounds = [0, *range(first if j == 0 else per, len(units), per), len(units)]
             seed = self.epoch_seed(epoch)
             out += [(pass_idx, seed, units[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
         return out
