@@ -18,6 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "local_cluster.py"
+# The tests find this cluster's workers (and check their working directories) through /proc.
+pytestmark = pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="needs Linux /proc")
 PORT, DASHBOARD = 6390, 8290  # not Ray's defaults: a user's own cluster may be running
 CKPT_EVERY = 6
 
