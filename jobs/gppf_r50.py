@@ -180,7 +180,7 @@ def demo_detection_task(root: Path) -> dict:
 
 
 def demo_config(demo_root: str) -> JobConfig:
-    """The embedded default: same code path, tiny model and data, about three minutes on 2 CPUs."""
+    """The embedded default: same code path, tiny model and data, about five minutes on 2 CPUs."""
     root = Path(demo_root)
     return JobConfig(
         name="gppf_r50_demo",
