@@ -116,10 +116,10 @@ class DetectionTask(Task):
 
     def index(self, split: str) -> CocoIndex:
         if split not in self._index:
-            root = Path(self.cfg.data_root)
-            ann = self.cfg.train_annotations if split == "train" else self.cfg.val_annotations
-            images = self.cfg.train_images if split == "train" else self.cfg.val_images
             cfg = self.cfg
+            root = Path(cfg.data_root)
+            ann = cfg.train_annotations if split == "train" else cfg.val_annotations
+            images = cfg.train_images if split == "train" else cfg.val_images
             self._index[split] = load_coco(
                 root / ann,
                 root / images,

@@ -190,21 +190,16 @@ class TaskStream:
         rows = math.ceil(max(self.cfg.chunk_rows, bs) / bs) * bs  # whole batches per chunk
         per = max(1, math.ceil(rows / self.rows_per_unit))
         first = min(per, max(1, math.ceil(2 * bs / self.rows_per_unit)))
-        epochs = range(pass_idx * self.epochs_per_pass(), (pass_idx + 1) * self.epochs_per_pass())
+        k = self.epochs_per_pass()
+        epochs = range(pass_idx * k, (pass_idx + 1) * k)
         if len(self._share(0)) * self.rows_per_unit < bs:
             units = [u for e in epochs for u in self._share(e)]
-            bounds = [0, *range(first, len(units), per), len(units)]
-            return [
-                (pass_idx, self.epoch_seed(epochs[0]) + i, units[a:b])
-                for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
-                if b > a
-            ]
+            seed = self.epoch_seed(epochs[0])
+            return [(pass_idx, seed + i, c) for i, c in enumerate(_slices(units, first, per))]
         out = []
         for j, epoch in enumerate(epochs):
-            units = self._share(epoch)
-            bounds = [0, *range(first if j == 0 else per, len(units), per), len(units)]
             seed = self.epoch_seed(epoch)
-            out += [(pass_idx, seed, units[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+            out += [(pass_idx, seed, c) for c in _slices(self._share(epoch), first if j == 0 else per, per)]
         return out
 
     def _start(self) -> None:
@@ -281,6 +276,12 @@ def eval_batches(
     if max_batches:
         ds = ds.limit(max_batches * task.cfg.batch_size)
     return iter(ds.iter_torch_batches(batch_size=task.cfg.batch_size, drop_last=False, prefetch_batches=0))
+
+
+def _slices(units: list[Any], first: int, per: int) -> list[list[Any]]:
+    """`units` cut into a first slice of `first` units, then slices of `per`."""
+    bounds = [0, *range(first, len(units), per), len(units)]
+    return [units[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def items_dataset(items: list[Any], rows_per_block: int = 64):
