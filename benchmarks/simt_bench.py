@@ -4,7 +4,7 @@
     python benchmarks/simt_bench.py p2 [--backbone resnet50 --repeats 20]
     python benchmarks/simt_bench.py p3 runs/<demo run directory>
 
-P1: the platform's SIMT step (SIMTWorker.train_step: task sampling, cross-task BN, masked allreduce,
+P1: the platform's SIMT step (Trainer.train_step: task sampling, cross-task BN, masked allreduce,
     optimizer) against a hand-written torch.distributed loop doing the same single-task work:
     the same model and batch on 2 gloo workers, (a) DDP with local BN -- what one would write by
     hand -- and (b) the same loop with the platform's cross-task BN, so (b) isolates the trainer.
@@ -53,7 +53,7 @@ def _p1_rank(rank: int, world: int, backbone: str, batch: int, size: int, steps:
     from gppf.backbone import Backbone, BackboneConfig
     from gppf.job_config import JobConfig, OptimConfig, TrainConfig
     from gppf.model import MultiTaskModel
-    from gppf.train_loop import SIMTWorker, build_tasks
+    from gppf.trainer import Trainer, build_tasks
 
     cfg = JobConfig(
         tasks={
@@ -69,7 +69,7 @@ def _p1_rank(rank: int, world: int, backbone: str, batch: int, size: int, steps:
         "image": torch.randn(batch, 3, size, size, generator=g),
         "label": torch.randint(0, 10, (batch,), generator=g),
     }
-    w = SIMTWorker(cfg, torch.device("cpu"), tasks)
+    w = Trainer(cfg, torch.device("cpu"), tasks)
     w.streams["cls"] = _FixedStream(data)
 
     def hand_loop(cross_bn: bool):
@@ -200,6 +200,7 @@ def p2(args) -> None:
 
 def p3(args) -> None:
     lines = [json.loads(line) for line in Path(args.run, "metrics.jsonl").read_text().splitlines()]
+    lines = [m for m in lines if "data_wait_fraction" in m]  # training windows (not the step-0 eval)
     fr = [m["data_wait_fraction"] for m in lines]
     steady = fr[1:] if len(fr) > 1 else fr
     print(f"P3 ({args.run}, {len(fr)} windows of {lines[0]['step']} steps)")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torch.nn import functional as F
 
@@ -85,6 +85,16 @@ class ClassificationHead(nn.Module):
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         return self.fc(feats[-1].mean((2, 3)))
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, for 0 bits too. With "inc1" at the top magnitude (m9 + noise reaches 10)
+    timm keeps 0 bits: older Pillow returned a black image, Pillow 12+ raises ValueError."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 def _class_names(root: Path) -> list[str]:
@@ -169,6 +179,7 @@ class ClassificationTask(Task):
         return DataSource(units=items, read=items_dataset)
 
     def _randaugment(self):
+        from timm.data import auto_augment
         from timm.data.auto_augment import rand_augment_transform
 
         size = self.cfg.input_size
@@ -176,7 +187,11 @@ class ClassificationTask(Task):
             "translate_const": int(size * 0.45),
             "img_mean": tuple(int(round(255 * m)) for m in (0.485, 0.456, 0.406)),
         }
-        return rand_augment_transform(self.cfg.auto_augment, hparams)
+        transform = rand_augment_transform(self.cfg.auto_augment, hparams)
+        for op in transform.ops:
+            if op.aug_fn is auto_augment.posterize:
+                op.aug_fn = _posterize
+        return transform
 
     def preprocess(self, batch: dict[str, np.ndarray], train: bool, seed: int) -> dict[str, np.ndarray]:
         from timm.data.random_erasing import RandomErasing

@@ -28,3 +28,30 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def staged_run(demo_root, ray_session, tmp_path_factory):
+    """The 3-stage job (tests/staged_job.py) run once, with a Ray Train callback that records every
+    report it receives: (fit's result, run directory, the recorded reports)."""
+    import json
+
+    import ray.train
+
+    from gppf.runner import fit
+    from tests.staged_job import staged_config
+
+    runs = tmp_path_factory.mktemp("staged")
+    record = runs / "reports.jsonl"
+
+    class Recorder(ray.train.UserCallback):  # defined here: pickled by value to Ray's controller
+        def __init__(self, path: str):
+            self.path = path
+
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"metrics": metrics[0], "checkpoint": checkpoint is not None}) + "\n")
+
+    result = fit(staged_config(demo_root, runs, "a"), callbacks=[Recorder(str(record))])
+    reports = [json.loads(line) for line in record.read_text().splitlines()]
+    return result, runs / "a", reports

@@ -117,7 +117,7 @@ def test_missing_label_file_is_named(demo_root, tmp_path):
 def test_nan_loss_names_task_and_step(demo_root, ray_session):
     from gppf.backbone import BackboneConfig
     from gppf.data.stream import StreamConfig
-    from gppf.train_loop import NonFiniteLossError, SIMTWorker
+    from gppf.trainer import NonFiniteLossError, Trainer
 
     entries = task_entries(demo_root)
     cfg = JobConfig(
@@ -126,7 +126,7 @@ def test_nan_loss_names_task_and_step(demo_root, ray_session):
         data=StreamConfig(min_rows_per_pass=16, chunk_rows=16),
     )
     cfg = resolve(cfg)
-    w = SIMTWorker(cfg, torch.device("cpu"))
+    w = Trainer(cfg, torch.device("cpu"))
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss in task\(s\) bad at step \d+"):
         for _ in range(30):
             w.train_step()

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 from gppf.backbone import BackboneConfig
+from gppf.checkpoint import load_checkpoint
 from gppf.data.stream import StreamConfig
 from gppf.job_config import JobConfig, OptimConfig, ScalingConfig, TrainConfig
 from gppf.runner import fit, results_table
 from gppf.sampler import sample_task
-from gppf.train_loop import load_checkpoint
 from tests.tasks_for_tests import task_entries
 
 

@@ -7,7 +7,8 @@ import timm
 import torch
 
 from gppf.cross_bn import CrossTaskBatchNorm2d
-from gppf.lego import LegoConfig, LegoResNet, LegoSwin, gumbel_tau
+from gppf.lego import LegoConfig, LegoResNet, gumbel_tau
+from gppf.swin import LegoSwin
 
 
 def _lego(mode: str, name: str = "resnet18") -> LegoResNet:
@@ -78,7 +79,7 @@ def test_export_loads_strict_into_timm_and_matches(name):
     x = torch.randn(2, 3, 64, 64)
     for task in ("a", "b"):
         ref = timm.create_model(name, pretrained=False, num_classes=0)
-        ref.load_state_dict(m.export_route(task), strict=True)
+        ref.load_state_dict(m.export(task), strict=True)
         ref.eval()
         with torch.no_grad():
             torch.testing.assert_close(ref.forward_features(x), m(x, task)[-1], atol=1e-5, rtol=1e-5)
@@ -99,7 +100,7 @@ def test_swin_export_loads_strict_into_timm_and_matches():
     assert [f.shape[1] for f in feats] == [96, 192, 384, 768] and feats[0].shape[-1] == 56
     for task in ("a", "b"):
         ref = timm.create_model(name, pretrained=False, num_classes=0)
-        ref.load_state_dict(m.export_route(task), strict=True)
+        ref.load_state_dict(m.export(task), strict=True)
         ref.eval()
         with torch.no_grad():
             out = ref.forward_features(x).permute(0, 3, 1, 2)

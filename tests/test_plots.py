@@ -4,8 +4,8 @@ import json
 
 import torch
 
+from gppf.checkpoint import save_checkpoint
 from gppf.plots import draw, routes_from_checkpoint
-from gppf.train_loop import save_checkpoint
 
 
 def _routes(p: float):

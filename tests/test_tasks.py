@@ -51,3 +51,15 @@ def test_task_trains_one_step_and_evaluates(name, demo_root, ray_session):
     ev.synchronize(torch.device("cpu"))
     metrics = ev.compute()
     assert ev.primary in metrics and 0.0 <= metrics[ev.primary] <= 100.0
+
+
+def test_randaugment_posterize_at_the_top_magnitude(demo_root):
+    """"inc1" posterize keeps 0 bits at magnitude 10 (m9 with noise gets there): a black image, as
+    older Pillow gave; Pillow 12+ raises ValueError for 0 bits inside timm."""
+    from PIL import Image
+
+    task = build_task("cls_augs", task_entries(demo_root)["cls_augs"])
+    (op,) = [o for o in task._randaugment().ops if o.name == "PosterizeIncreasing"]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10.0, 0.0
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert op(img).getextrema() == ((0, 0), (0, 0), (0, 0))

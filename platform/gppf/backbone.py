@@ -1,12 +1,14 @@
-"""The shared backbone: a timm model in `features_only` mode with cross-task BN.
+"""Backbone config and the static trunk: a timm model in `features_only` mode with cross-task BN.
 
 Every BatchNorm of the backbone becomes `CrossTaskBatchNorm2d` (statistics over all workers'
 batches); heads use GroupNorm or local BN, never cross-task BN, because ranks run different heads
-and their collectives would not line up (DESIGN.md).
+and their collectives would not line up (DESIGN.md). Which trunk a config builds is decided by
+the registry in `gppf.trunk` (kind x timm family); this file registers the generic static one.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,44 +17,31 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gppf.checkpoint import LoadReport, load_weights
 from gppf.cross_bn import CrossTaskBatchNorm2d, recomputing
-from gppf.lego import LegoConfig, LegoResNet
+from gppf.lego import LegoConfig
 from gppf.task import FeatureInfo
+from gppf.trunk import Trunk, register_trunk
 
 
 @dataclass
 class BackboneConfig:
-    name: str = "resnet50"  # a timm model (static: any with features_only; lego: a ResNet)
+    name: str = "resnet50"  # a timm model
     kind: str = "static"  # "static" (one shared network) or "lego" (per-task routes, GPPF §3.2)
     lego: LegoConfig = field(default_factory=LegoConfig)
-    out_indices: tuple[int, ...] = (1, 2, 3, 4)  # static: res2..res5 for ResNets, strides 4..32
+    # static timm CNNs: which feature levels (timm's features_only); the default is the last four
+    # (res2..res5 of a ResNet, strides 4..32). Swin trunks always give their four stages.
+    out_indices: tuple[int, ...] = (-4, -3, -2, -1)
     cross_task_bn: bool = True  # False = GPPF Table 1's "local BN" ablation
-    grad_checkpointing: bool = False  # static backbones only for now
+    grad_checkpointing: bool = False  # static CNN backbones only for now
     drop_path_rate: float = 0.0
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
-
-
-def build_backbone(cfg: BackboneConfig, task_names: list[str]) -> nn.Module:
-    """The shared backbone of a job: `forward(x, task) -> feature maps`, `feature_info`."""
-    if cfg.kind == "static":
-        return Backbone.from_config(cfg)
-    if cfg.kind != "lego":
-        raise ValueError(f"backbone.kind must be 'static' or 'lego', got {cfg.kind!r}")
-    if cfg.grad_checkpointing:
-        raise ValueError("backbone.grad_checkpointing is not supported with backbone.kind=lego yet")
-    if not cfg.name.startswith("resnet"):
-        raise ValueError(
-            f"backbone.kind=lego supports timm ResNets (resnet18, resnet50, ...), got {cfg.name!r}"
-        )
-    model = LegoResNet(cfg.name, task_names, cfg.lego)
-    if cfg.cross_task_bn:
-        CrossTaskBatchNorm2d.convert(model)
-    return model
+    # Weights only, from a gppf checkpoint (its backbone) or a plain timm state_dict (an exported
+    # route, `python -m gppf.export`); training still starts at step 0 with a fresh optimizer.
+    init_from: str = ""
 
 
 def _recompute_context():
-    import contextlib
-
     return contextlib.nullcontext(), recomputing()
 
 
@@ -70,19 +59,20 @@ def _checkpoint_forward(module: nn.Module) -> None:
     module.forward = forward
 
 
-class Backbone(nn.Module):
-    """`forward(x) -> list of feature maps`; `feature_info` declares their channels and strides."""
+class Backbone(Trunk):
+    """Static trunk: `forward(x, task) -> list of feature maps`, the same network for every task."""
 
     def __init__(
         self,
         name: str = "resnet50",
-        out_indices: tuple[int, ...] = (1, 2, 3, 4),
+        out_indices: tuple[int, ...] = (-4, -3, -2, -1),
         cross_task_bn: bool = True,
         grad_checkpointing: bool = False,
         drop_path_rate: float = 0.0,
         model_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
+        self.timm_name = name
         kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
         kwargs.update(model_kwargs or {})
         self.body = timm.create_model(
@@ -113,3 +103,22 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor, task: str | None = None) -> list[torch.Tensor]:
         return self.body(x)  # one network for every task
+
+    def export(self, task: str | None = None) -> dict[str, torch.Tensor]:
+        # features_only keeps timm's module names; it only lacks the classifier (num_classes=0).
+        return {k: v.detach().clone() for k, v in self.body.state_dict().items()}
+
+    def load_plain(self, state: dict[str, torch.Tensor], source: str) -> LoadReport:
+        return load_weights(self.body, state, source)
+
+
+@register_trunk("static")
+def _static(cfg: BackboneConfig, task_names: list[str]) -> Trunk:
+    return Backbone.from_config(cfg)
+
+
+def build_backbone(cfg: BackboneConfig, task_names: list[str]) -> Trunk:
+    """The shared backbone of a job (see `gppf.trunk.build_trunk`)."""
+    from gppf.trunk import build_trunk
+
+    return build_trunk(cfg, task_names)

@@ -41,7 +41,12 @@ def parser(description: str) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set optim.lr=0.1 --set tasks.in21k.batch_size=64",
     )
-    ap.add_argument("--resume", default=None, help="checkpoint directory to start from")
+    ap.add_argument(
+        "--resume",
+        default=None,
+        help="a run directory (continues that run in place, from its newest checkpoint) or a "
+        "checkpoint directory (a new run continues from it)",
+    )
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return ap
 

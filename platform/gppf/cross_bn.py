@@ -179,3 +179,19 @@ class CrossTaskBatchNorm2d(nn.BatchNorm2d):
             if new_child is not child:
                 setattr(module, name, new_child)
         return module
+
+
+def to_local_bn(module: nn.Module) -> nn.Module:
+    """Replace every CrossTaskBatchNorm2d under `module` by a plain BatchNorm2d with the same
+    weights and statistics (the inverse of `CrossTaskBatchNorm2d.convert`)."""
+    if isinstance(module, CrossTaskBatchNorm2d):
+        new = nn.BatchNorm2d(module.num_features, module.eps, module.momentum)
+        new = new.to(device=module.running_mean.device, dtype=module.running_mean.dtype)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        new_child = to_local_bn(child)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module

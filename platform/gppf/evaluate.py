@@ -23,9 +23,10 @@ from gppf.job_config import JobConfig
 def evaluate_checkpoint(
     ckpt_dir: str | Path, tasks: list[str] | None = None, max_batches: int = 0
 ) -> dict[str, Any]:
+    from gppf.checkpoint import load_checkpoint
     from gppf.data.stream import configure_data_context
     from gppf.runner import ensure_ray
-    from gppf.train_loop import SIMTWorker, load_checkpoint
+    from gppf.trainer import Trainer
 
     ckpt_dir = Path(ckpt_dir).expanduser().absolute()
     config = ckpt_dir.parent / "config.json"
@@ -35,7 +36,7 @@ def evaluate_checkpoint(
     state = load_checkpoint(ckpt_dir)
     ensure_ray()
     configure_data_context(cfg.data)
-    worker = SIMTWorker(cfg, torch.device("cpu"))
+    worker = Trainer(cfg, torch.device("cpu"), initialise=False)
     worker.load_state_dict(state)
     if tasks:
         worker.tasks = [t for t in worker.tasks if t.name in tasks]

@@ -8,6 +8,7 @@ from typing import Any
 from gppf.backbone import BackboneConfig
 from gppf.config import ConfigError, from_dict
 from gppf.data.stream import StreamConfig
+from gppf.stages import StageConfig
 
 
 @dataclass
@@ -28,8 +29,10 @@ class TrainConfig:
     amp: bool = True  # autocast on GPU (ignored on CPU)
     amp_dtype: str = "bfloat16"  # or "float16" (then a GradScaler is used)
     log_every: int = 50
-    checkpoint_every: int = 5000
+    checkpoint_every: int = 5000  # and at the end of every stage and of the run
+    keep_checkpoints: int = 2  # Ray Train keeps the newest this many
     eval_at_start: bool = True
+    eval_every: int = 0  # evaluate every this many steps as well (0: at the start and the end only)
     eval_max_batches: int = 0  # per task and worker; 0 = the whole validation split
     bucket_mb: float = 25.0
     torch_threads: int = 0  # 0 = cores / workers on this node
@@ -38,6 +41,12 @@ class TrainConfig:
     def __post_init__(self):
         if self.log_every < 1:
             raise ConfigError(f"config.train.log_every must be >= 1, got {self.log_every}")
+        if self.eval_every < 0:
+            raise ConfigError(
+                f"config.train.eval_every must be >= 0 (0: at the start and end only), got {self.eval_every}"
+            )
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"config.train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.checkpoint_every < 0:
             raise ConfigError(
                 f"config.train.checkpoint_every must be >= 0 (0: at the end), got {self.checkpoint_every}"
@@ -69,6 +78,13 @@ class ScalingConfig:
 
 
 @dataclass
+class ModelConfig:
+    # Weights only, from a gppf checkpoint (backbone and the heads of tasks with the same name);
+    # training starts at step 0 with a fresh optimizer. `--resume` continues a run instead.
+    init_from: str = ""
+
+
+@dataclass
 class JobConfig:
     name: str = "gppf"
     run_dir: str = "~/gppf_runs"  # local path or shared filesystem (all nodes write here)
@@ -77,10 +93,13 @@ class JobConfig:
     )
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: StreamConfig = field(default_factory=StreamConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    # Phases of the run (gppf.stages); with stages, train.steps is their sum. Empty: one phase.
+    stages: list[StageConfig] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobConfig:

@@ -13,12 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gppf.cross_bn import unit_slot
+from gppf.checkpoint import LoadReport
+from gppf.cross_bn import CrossTaskBatchNorm2d, unit_slot
+from gppf.task import FeatureInfo
+from gppf.trunk import StepState, Trunk, register_trunk
+
+if TYPE_CHECKING:
+    from gppf.backbone import BackboneConfig
 
 MODES = ("soft", "hard")
 
@@ -114,8 +122,6 @@ class LegoLayer(nn.Module):
     def link_siblings(self) -> None:
         """Tell each cross-task BN which BNs hold the same position in the other units, so a hard-
         routed step can update all their running stats from the stacked collective."""
-        from gppf.cross_bn import CrossTaskBatchNorm2d
-
         per_unit = [[m for m in u.modules() if isinstance(m, CrossTaskBatchNorm2d)] for u in self.units]
         for group in zip(*per_unit):
             for bn in group:
@@ -156,11 +162,11 @@ class _Stem(nn.Module):
         return x
 
 
-class LegoBackbone(nn.Module):
+class LegoBackbone(Trunk):
     """A stack of lego layers with per-task controllers. Layer 0 is the stem (shared by default).
 
     `forward(x, task)` returns one feature map per stage (NCHW) along the task's route;
-    `export_route(task)` returns the arg-max path as a state_dict of the plain timm model.
+    `export(task)` returns the arg-max path as a state_dict of the plain timm model.
     Subclasses build `layers` as (timm module path, units) pairs from N timm models.
     """
 
@@ -176,6 +182,7 @@ class LegoBackbone(nn.Module):
     ):
         super().__init__()
         self.name = model_name
+        self.timm_name = model_name
         self.cfg = cfg
         self.layer_names = [n for n, _ in layers]
         self.layers = nn.ModuleList(LegoLayer(units) for _, units in layers)
@@ -207,8 +214,39 @@ class LegoBackbone(nn.Module):
                 feats.append(x.permute(0, 3, 1, 2).contiguous() if self.channels_last_features else x)
         return feats
 
-    def export_route(self, task: str) -> dict[str, torch.Tensor]:
+    # -- the trunk contract -----------------------------------------------------------------
+    def set_step(self, state: StepState) -> None:
+        """Gumbel temperature and noise for this step: a pure function of (seed, step, rank)."""
+        c = self.cfg
+        self.tau = gumbel_tau(state.tau_step, state.tau_total, c.tau_start, c.tau_end, c.tau_decay_fraction)
+        seed = int(np.random.default_rng([state.seed, state.step, state.rank, 7]).integers(2**62))
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The controller logits: their own lr (`controller_lr`, 0 = the optimizer's), no weight decay."""
+        return [
+            {
+                "params": list(self.controller.parameters()),
+                "lr": self.cfg.controller_lr or lr,
+                "weight_decay": 0.0,
+            }
+        ]
+
+    def routes(self) -> dict[str, dict[str, Any]]:
+        return {
+            t: {
+                "route": self.controller.route(t),
+                "probs": self.controller.probabilities(t).detach().cpu().tolist(),
+            }
+            for t in self.controller.logits
+        }
+
+    def export(self, task: str | None = None) -> dict[str, torch.Tensor]:
         """The task's arg-max path as a plain state_dict of `timm.create_model(name, num_classes=0)`."""
+        if task not in self.controller.logits:
+            raise KeyError(
+                f"no route for task {task!r}; this lego backbone has {', '.join(self.controller.logits)}"
+            )
         route = self.controller.route(task)
         state = {}
         for idx, (prefix, layer) in enumerate(zip(self.layer_names, self.layers)):
@@ -217,12 +255,46 @@ class LegoBackbone(nn.Module):
                 state[f"{prefix}.{key}" if prefix else key] = value.detach().clone()
         return state
 
+    def load_plain(self, state: dict[str, torch.Tensor], source: str) -> LoadReport:
+        """Every unit of every layer starts from the plain network's weights of that layer."""
+        from gppf.checkpoint import load_weights
 
-def _models(name: str, n: int, kwargs: dict | None) -> list[nn.Module]:
+        report = LoadReport(source)
+        used: set[str] = set()
+        for prefix, layer in zip(self.layer_names, self.layers):
+            dot = f"{prefix}." if prefix else ""
+            own_keys = set(layer.units[0].state_dict())
+            part = {
+                k[len(dot) :]: v for k, v in state.items() if k.startswith(dot) and k[len(dot) :] in own_keys
+            }
+            used.update(dot + k for k in part)
+            for u, unit in enumerate(layer.units):
+                r = load_weights(unit, part, source)
+                report.loaded += [
+                    f"{dot}{k}" + (f" (unit {u})" if layer.num_units > 1 else "") for k in r.loaded
+                ]
+                if u == 0:
+                    report.missing += [dot + k for k in r.missing]
+        report.unexpected = [k for k in state if k not in used]
+        return report
+
+    def local_bn_copy(self) -> Trunk:
+        generator, self.generator = self.generator, None  # a torch.Generator does not deep-copy
+        try:
+            return super().local_bn_copy()
+        finally:
+            self.generator = generator
+
+
+def _timm_model(name: str, kwargs: dict | None) -> nn.Module:
     import timm
 
+    return timm.create_model(name, pretrained=False, num_classes=0, **(kwargs or {}))
+
+
+def _models(name: str, n: int, kwargs: dict | None, build=_timm_model) -> list[nn.Module]:
     # N independently initialised models: their blocks are the units (same architecture).
-    return [timm.create_model(name, pretrained=False, num_classes=0, **(kwargs or {})) for _ in range(n)]
+    return [build(name, kwargs) for _ in range(n)]
 
 
 class LegoResNet(LegoBackbone):
@@ -232,8 +304,6 @@ class LegoResNet(LegoBackbone):
     STEM = ("conv1", "bn1", "act1", "maxpool")
 
     def __init__(self, name: str, tasks: Sequence[str], cfg: LegoConfig, model_kwargs: dict | None = None):
-        from gppf.task import FeatureInfo
-
         models = _models(name, cfg.num_units, model_kwargs)
         shared = self.shared_set(cfg)
         pick = lambda idx: models[:1] if idx in shared else models  # noqa: E731
@@ -247,26 +317,11 @@ class LegoResNet(LegoBackbone):
         super().__init__(name, layers, stage_ends, info, tasks, cfg)
 
 
-class LegoSwin(LegoBackbone):
-    """timm Swin Transformer: patch embedding (stem), every stage's patch merging and every block,
-    and the final norm are lego layers. Features are the four stage outputs as NCHW, the last one
-    after the final norm. LayerNorm only: no cross-task BN involved."""
-
-    def __init__(self, name: str, tasks: Sequence[str], cfg: LegoConfig, model_kwargs: dict | None = None):
-        from gppf.task import FeatureInfo
-
-        models = _models(name, cfg.num_units, model_kwargs)
-        shared = self.shared_set(cfg)
-        pick = lambda idx: models[:1] if idx in shared else models  # noqa: E731
-        layers = [("patch_embed", [m.patch_embed for m in pick(0)])]
-        stage_ends = []
-        for s, stage in enumerate(models[0].layers):
-            if any(True for _ in stage.downsample.parameters()):
-                layers.append((f"layers.{s}.downsample", [m.layers[s].downsample for m in pick(len(layers))]))
-            for b in range(len(stage.blocks)):
-                layers.append((f"layers.{s}.blocks.{b}", [m.layers[s].blocks[b] for m in pick(len(layers))]))
-            stage_ends.append(len(layers) - 1)
-        layers.append(("norm", [m.norm for m in pick(len(layers))]))
-        stage_ends[-1] = len(layers) - 1
-        info = [FeatureInfo(f["num_chs"], f["reduction"]) for f in models[0].feature_info]
-        super().__init__(name, layers, stage_ends, info, tasks, cfg, channels_last_features=True)
+@register_trunk("lego", "resnet")
+def _lego_resnet(cfg: BackboneConfig, task_names: list[str]) -> Trunk:
+    if cfg.grad_checkpointing:
+        raise ValueError("backbone.grad_checkpointing is not supported with backbone.kind=lego yet")
+    model = LegoResNet(cfg.name, task_names, cfg.lego, cfg.model_kwargs)
+    if cfg.cross_task_bn:
+        CrossTaskBatchNorm2d.convert(model)
+    return model

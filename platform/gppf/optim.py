@@ -1,23 +1,28 @@
-"""Optimizer and learning-rate schedule (linear warmup, then cosine)."""
+"""Optimizer and the warmup-cosine learning-rate curve (the schedule itself is `gppf.stages`)."""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from gppf.job_config import OptimConfig
+if TYPE_CHECKING:
+    from gppf.job_config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, controller_lr: float = 0.0) -> torch.optim.Optimizer:
-    """Controller logits (lego backbones) form their own group: their own lr, no weight decay."""
-    ctrl = [p for n, p in model.named_parameters() if ".controller." in f".{n}" and p.requires_grad]
-    ctrl_ids = {id(p) for p in ctrl}
-    params = [p for p in model.parameters() if p.requires_grad and id(p) not in ctrl_ids]
-    groups = [{"params": params}]
-    if ctrl:
-        groups.append({"params": ctrl, "lr": controller_lr or cfg.lr, "weight_decay": 0.0})
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """One default group, plus the groups the trunk asks for (lego: controller logits with their
+    own lr and no weight decay). Every parameter that can train is in it from the start: stages
+    freeze and unfreeze by `requires_grad`, and a frozen parameter simply gets no gradient."""
+    trunk = getattr(model, "backbone", None)
+    special = trunk.param_groups(cfg.lr) if trunk is not None else []
+    special = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in special]
+    special = [g for g in special if g["params"]]
+    taken = {id(p) for g in special for p in g["params"]}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    groups = [{"params": params}, *special]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
@@ -31,10 +36,3 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float = 0.0) ->
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    warmup = min(cfg.warmup_steps, max(0, total_steps - 1))
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: warmup_cosine(s, total_steps, warmup, cfg.min_lr_ratio)
-    )

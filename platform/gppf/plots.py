@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 def routes_from_checkpoint(ckpt_dir: str | Path) -> dict[str, dict[str, Any]]:
     import torch
 
-    from gppf.train_loop import load_checkpoint
+    from gppf.checkpoint import load_checkpoint
 
     state = load_checkpoint(ckpt_dir)["model"]
     out = {}

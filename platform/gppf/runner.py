@@ -6,20 +6,43 @@ import copy
 import json
 import os
 import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import ray.train
+
+from gppf import data_check
 from gppf.config import to_dict
 from gppf.job_config import JobConfig
-from gppf.train_loop import build_tasks, train_loop_per_worker
+from gppf.trainer import build_tasks
+
+if TYPE_CHECKING:
+    from gppf.hooks import Hook
 
 
 def resolve(cfg: JobConfig) -> JobConfig:
     """Check every task's data on the driver (clear errors before any worker starts) and fill in
-    derived values (e.g. num_classes) so the workers and the run directory see the same config."""
+    derived values (e.g. num_classes) so the workers and the run directory see the same config.
+    A check that passed before on the same files is not redone (gppf.data_check)."""
+    from gppf.stages import StagePlan
+
     if not cfg.tasks:
         raise ValueError("config.tasks is empty: a job needs at least one task")
-    for task in build_tasks(cfg):
+    tasks = build_tasks(cfg)
+    plan = StagePlan(
+        cfg.stages, {t.name: t.cfg.sampling_weight for t in tasks}, cfg.train.steps, cfg.optim.warmup_steps
+    )  # stage errors (unknown task, bad weights) surface here, before any worker starts
+    cfg.train.steps = plan.total
+    for key in ("model.init_from", "backbone.init_from"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value:
+            path = Path(value).expanduser().absolute()
+            if not path.exists():
+                raise FileNotFoundError(f"{key}: {path} does not exist")
+            setattr(getattr(cfg, section), name, str(path))
+    for task in tasks:
         if type(task).__module__ == "__main__":
             raise ValueError(
                 f"tasks.{task.name}: task type {type(task).__name__} is defined in the job script itself; "
@@ -34,7 +57,7 @@ def resolve(cfg: JobConfig) -> JobConfig:
             raise FileNotFoundError(f"task {task.name!r}: data root {root} does not exist")
         if not any(root.iterdir()):
             raise FileNotFoundError(f"task {task.name!r}: data root {root} is empty")
-        task.check_data()
+        data_check.check(task, cfg.tasks[task.name]["type"])
         cfg.tasks[task.name] = {
             "type": cfg.tasks[task.name]["type"],
             "plugin_module": type(task).__module__,
@@ -53,31 +76,70 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     ray.init(num_cpus=num_cpus if not os.environ.get("RAY_ADDRESS") else None, log_to_driver=True)
 
 
-def fit(cfg: JobConfig, resume_from: str | None = None) -> dict[str, Any]:
-    """Run the job to completion; returns the final metrics (with initial and final evaluation)."""
-    import ray.train
+class FinalReport(ray.train.UserCallback):
+    """Keeps the run's final report (rank 0's metrics, with the final evaluation) in a file on the
+    driver's node, where Ray Train runs its controller and so its callbacks. (`Result.metrics`
+    holds only reports that carry a checkpoint; the final weights are checkpointed before the
+    final evaluation, so that report need not carry them a second time.)"""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics and "final_eval" in metrics[0]:
+            Path(self.path).write_text(json.dumps(metrics[0], default=str))
+
+
+def run_directory(cfg: JobConfig) -> Path:
+    return Path(cfg.run_dir).expanduser().absolute() / cfg.run_name
+
+
+def fit(
+    cfg: JobConfig,
+    resume_from: str | None = None,
+    callbacks: list[Any] | None = None,
+    hooks: list[Hook] | None = None,
+) -> dict[str, Any]:
+    """Run the job to completion; returns the final metrics (with initial and final evaluation).
+
+    resume_from: a checkpoint directory (a new run continues from it), or a run directory (that
+        run continues in place, from its newest checkpoint);
+    callbacks: Ray Train callbacks (`ray.train.UserCallback`, Tune's `TuneReportCallback`), passed
+        to the run config: they see every report, evaluations included;
+    hooks: extra trainer hooks (gppf.hooks.Hook, picklable), run on every worker after the
+        standard ones.
+    """
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cfg = resolve(copy.deepcopy(cfg))  # the caller's config stays as it was (sweeps reuse it)
+    from gppf.train_loop import train_loop_per_worker
+
+    cfg = copy.deepcopy(cfg)  # the caller's config stays as it was (sweeps reuse it)
+    in_place = bool(resume_from) and any(Path(resume_from).expanduser().glob("checkpoint_*"))
+    if in_place:  # Ray Train restores a run directory's newest checkpoint by itself
+        run = Path(resume_from).expanduser().absolute()
+        cfg.run_dir, cfg.run_name, resume_from = str(run.parent), run.name, None
+    cfg = resolve(cfg)
     if not cfg.run_name:
-        cfg.run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.run_dir).expanduser().absolute()
-    cfg.run_dir = str(run_dir)  # absolute: Ray Train workers run in their own working directory
-    out = run_dir / cfg.run_name
-    if any(out.glob("checkpoint_*")):
+        # Unique per call: two runs (or Tune trials) started in the same second must not share one.
+        cfg.run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    cfg.run_dir = str(Path(cfg.run_dir).expanduser().absolute())  # Ray Train workers run elsewhere
+    out = run_directory(cfg)
+    if any(out.glob("checkpoint_*")) and not in_place:
         raise FileExistsError(
             f"run directory {out} already holds checkpoints; pick another run_name, or continue "
-            f"that run with --resume {out}/<checkpoint>"
+            f"that run with --resume {out}"
         )
     if resume_from:
         resume_from = str(Path(resume_from).expanduser().absolute())
     out.mkdir(parents=True, exist_ok=True)
+    final_report = out / "final_report.json"
+    final_report.unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     print(f"[gppf] run directory {out}", flush=True)
     ensure_ray()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": to_dict(cfg), "resume_from": resume_from},
+        train_loop_config={"job": to_dict(cfg), "resume_from": resume_from, "hooks": hooks},
         torch_config=TorchConfig(
             backend="nccl" if cfg.scaling.use_gpu else "gloo", timeout_s=cfg.train.collective_timeout_s
         ),
@@ -93,13 +155,15 @@ def fit(cfg: JobConfig, resume_from: str | None = None) -> dict[str, Any]:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
-            storage_path=str(run_dir),
+            storage_path=cfg.run_dir,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=[*(callbacks or []), FinalReport(str(final_report))],
         ),
     )
     result = trainer.fit()
-    metrics = dict(result.metrics or {})
+    metrics = json.loads(final_report.read_text()) if final_report.is_file() else dict(result.metrics or {})
+    final_report.unlink(missing_ok=True)
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     metrics["run_dir"] = str(out)
     (out / "results.json").write_text(json.dumps(metrics, indent=2, default=str))

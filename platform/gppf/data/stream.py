@@ -54,12 +54,17 @@ def _preprocess(batch: dict[str, np.ndarray], task: Task, train: bool, seed: int
 
 
 def configure_data_context(cfg: StreamConfig) -> None:
+    import logging
+
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = cfg.preserve_order
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # Every chunk of every stream, and every evaluation, is one Ray Data execution; its INFO lines
+    # ("Dataset ... execution finished in 0.07 seconds") would bury the trainer's progress lines.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def build_dataset(task: Task, read, units: list[Any], train: bool, seed: int, cfg: StreamConfig):

@@ -1,0 +1,102 @@
+"""Checkpoint files: atomic writes, weights-only reads, and loading weights into a model.
+
+A checkpoint directory holds `state.pt`: {step, model, optimizer, scheduler, scaler, streams,
+world_size, initial_eval}. `read_weights` also accepts a bare state_dict file (an exported route,
+`python -m gppf.export`), which is what `backbone.init_from` / `model.init_from` load.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CKPT_FILE = "state.pt"
+
+
+def save_checkpoint(state: dict[str, Any], directory: str | Path) -> None:
+    """Write state.pt atomically: into a temporary file, flushed to disk, then renamed over the old
+    one. A crash at any point leaves the previous state.pt (or none), never a torn one. (Ray Train
+    then copies the directory to storage and registers it only once the copy is complete.)"""
+    path = Path(directory) / CKPT_FILE
+    tmp = path.with_name(CKPT_FILE + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    return torch.load(Path(directory) / CKPT_FILE, map_location=map_location, weights_only=True)
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(state_dict, kind) from a platform checkpoint (directory or its state.pt; kind "checkpoint",
+    keys of the whole multi-task model) or a bare state_dict file (kind "plain", e.g. an exported
+    route in timm's key layout)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / CKPT_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"init_from: {p} does not exist (a checkpoint directory or a .pt file)")
+    obj = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return obj["model"], "checkpoint"
+    if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
+        return obj, "plain"
+    raise ValueError(f"init_from: {p} is neither a gppf checkpoint nor a state_dict of tensors")
+
+
+@dataclass
+class LoadReport:
+    """What a weights-only load did: loaded keys, keys that stay as initialised, ignored keys."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"[gppf] init_from {self.source}: loaded {len(self.loaded)} tensors"]
+        if self.missing:
+            lines.append(f"  stay as initialised ({len(self.missing)}): {_grouped(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  ignored, not in the model ({len(self.unexpected)}): {_grouped(self.unexpected)}")
+        return "\n".join(lines)
+
+
+def _grouped(keys: list[str], depth: int = 3, show: int = 8) -> str:
+    """`heads.det.rpn.*` (24) instead of 24 keys: short enough for a terminal."""
+    groups: dict[str, int] = {}
+    for k in keys:
+        parts = k.split(".")
+        g = ".".join(parts[:depth]) + (".*" if len(parts) > depth else "")
+        groups[g] = groups.get(g, 0) + 1
+    items = [f"{g} ({n})" if n > 1 else g for g, n in groups.items()]
+    return ", ".join(items[:show]) + (f", ... {len(items) - show} more groups" if len(items) > show else "")
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
+    """Copy the tensors of `state` whose keys `module` has; a shape mismatch is an error naming the
+    key. Missing keys keep their initial values, unexpected keys are ignored; both are reported."""
+    own = module.state_dict()
+    report = LoadReport(source)
+    for key, value in state.items():
+        if key not in own:
+            report.unexpected.append(key)
+            continue
+        if own[key].shape != value.shape:
+            raise ValueError(
+                f"init_from {source}: {key} has shape {tuple(value.shape)} in the file but "
+                f"{tuple(own[key].shape)} in the model (a head with another number of classes? "
+                "load the backbone only with backbone.init_from)"
+            )
+        report.loaded.append(key)
+    report.missing = [k for k in own if k not in state]
+    module.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
+    return report

@@ -1,0 +1,68 @@
+"""Export a task's backbone from a checkpoint as a plain timm state_dict (GPPF §3.3: a task's path
+through the lego backbone is an ordinary network).
+
+    python -m gppf.export RUN_DIR/checkpoint_.../ --task coco -o coco_route.pt
+
+The file loads with `timm.create_model(NAME, num_classes=0).load_state_dict(torch.load(FILE))`
+(strict) and as `backbone.init_from` of another job. A static backbone needs no --task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from gppf.checkpoint import load_checkpoint
+from gppf.config import from_dict
+from gppf.job_config import JobConfig
+from gppf.trunk import Trunk, build_trunk
+
+
+def load_trunk(ckpt_dir: str | Path) -> tuple[Trunk, JobConfig]:
+    """The trunk of a checkpoint, built from its run's config.json and loaded with its weights."""
+    ckpt_dir = Path(ckpt_dir).expanduser().absolute()
+    config = ckpt_dir.parent / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"no {config}: pass a checkpoint directory inside a gppf run directory")
+    cfg = from_dict(JobConfig, json.loads(config.read_text()), where=str(config))
+    trunk = build_trunk(cfg.backbone, list(cfg.tasks))
+    state = load_checkpoint(ckpt_dir)["model"]
+    trunk.load_state_dict({k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")})
+    return trunk.eval(), cfg
+
+
+def export(trunk: Trunk, out: str | Path, task: str | None = None) -> Path:
+    """Write `trunk.export(task)` to `out`; a lego trunk needs the task whose route it is."""
+    routes = trunk.routes()
+    if routes and task not in routes:
+        raise ValueError(
+            f"a lego backbone has one route per task: pass --task, one of {', '.join(sorted(routes))}"
+        )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(trunk.export(task), out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", help="a checkpoint directory (holds state.pt)")
+    ap.add_argument("--task", default=None, help="whose route to export (lego backbones)")
+    ap.add_argument("-o", "--out", required=True, help="output file (.pt)")
+    args = ap.parse_args(argv)
+    try:
+        trunk, cfg = load_trunk(args.checkpoint)
+        path = export(trunk, args.out, args.task)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    route = f", route {trunk.routes()[args.task]['route']}" if args.task and trunk.routes() else ""
+    print(f"{path}: timm.create_model({cfg.backbone.name!r}, num_classes=0) loads it (strict){route}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Hooks: everything the trainer does around the step (detectron2's HookBase, Lightning's callbacks).
+
+| hook | before_train | before_step | after_step | after_train |
+|---|---|---|---|---|
+| StageHook | | enters the stage of this step | | |
+| EvalHook | step-0 evaluation | | every `eval_every` steps | final evaluation |
+| CheckpointHook | | | every `checkpoint_every` steps, stage ends, the last step | |
+| ReportHook | | | log line + Ray Train report | last log line + final report |
+| PlotHook | | | | selection plots (lego) |
+
+Hooks run in that order. A hook that issues collectives (evaluation, the state gather of a
+checkpoint) runs on every rank at the same steps; only rank 0 writes files. Hooks put what they
+want reported into `trainer.report`; ReportHook sends one report per step that has something.
+A new hook subclasses `Hook` and is passed to `Trainer(hooks=...)` or `default_hooks(extra=...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gppf.metrics_log import MetricsLogger, MetricWindow, say
+
+if TYPE_CHECKING:
+    from gppf.trainer import StepOutput, Trainer
+
+# (metrics, checkpoint state or None) -> None; every rank calls it at the same steps.
+Sink = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
+
+
+class Hook:
+    """Override the events you need; all are no-ops here."""
+
+    def before_train(self, t: Trainer) -> None: ...
+    def before_step(self, t: Trainer) -> None: ...
+    def after_optimizer_step(self, t: Trainer) -> None: ...
+    def after_step(self, t: Trainer, out: StepOutput) -> None: ...
+    def after_train(self, t: Trainer) -> None: ...
+    def close(self) -> None:
+        """Called once at the end, also when training failed."""
+
+
+class StageHook(Hook):
+    """Switches stages: the stage of a step is a function of the step (gppf.stages)."""
+
+    def before_train(self, t: Trainer) -> None:
+        if t.rank == 0 and len(t.plan.stages) > 1:
+            say(f"[gppf] {t.plan.describe(t.stage_index)}")
+
+    def before_step(self, t: Trainer) -> None:
+        index = t.plan.index_at(t.step)
+        if index != t.stage_index:
+            t.enter_stage(index)
+            if t.rank == 0:
+                say(f"[gppf] {t.plan.describe(index)}")
+
+
+class EvalHook(Hook):
+    """Validation metrics at step 0 (`train.eval_at_start`), every `train.eval_every` steps, and
+    at the end. All ranks evaluate their share of each split; results go to the report."""
+
+    def before_train(self, t: Trainer) -> None:
+        if t.step == 0 and not t.initial_eval and t.cfg.train.eval_at_start:
+            t.initial_eval = t.evaluate(t.cfg.train.eval_max_batches)
+            t.report.metrics["eval"] = t.initial_eval
+            t.report.log = True
+
+    def after_step(self, t: Trainer, out: StepOutput) -> None:
+        every = t.cfg.train.eval_every
+        if every and t.step % every == 0 and t.step < t.total_steps:  # the end: after_train
+            t.report.metrics["eval"] = t.evaluate(t.cfg.train.eval_max_batches)
+            t.report.log = True
+
+    def after_train(self, t: Trainer) -> None:
+        final = t.evaluate(t.cfg.train.eval_max_batches)
+        t.report.metrics.update(eval=final, final_eval=final, initial_eval=t.initial_eval)
+
+
+class CheckpointHook(Hook):
+    """Checkpoints every `train.checkpoint_every` steps, at the end of every stage and at the end
+    of the run (before the final evaluation: an evaluation that fails leaves the final weights)."""
+
+    def after_step(self, t: Trainer, out: StepOutput) -> None:
+        every = t.cfg.train.checkpoint_every
+        if t.step == t.total_steps or (every and t.step % every == 0) or t.plan.is_stage_end(t.step):
+            t.report.checkpoint = t.state_dict()  # collective: every rank calls it
+
+
+class ReportHook(Hook):
+    """Metric windows -> rank 0's log (metrics.jsonl, TensorBoard, terminal) and one `sink` call
+    (a Ray Train report) per step that logs, evaluates or checkpoints.
+
+    The last step's line waits for the final evaluation, so each step has one line."""
+
+    def __init__(self, sink: Sink, logger: MetricsLogger | None):
+        self.sink = sink
+        self.logger = logger
+        self.window: MetricWindow | None = None
+        self.last: dict[str, Any] = {}
+        self.deferred: dict[str, Any] | None = None
+
+    def before_train(self, t: Trainer) -> None:
+        self.window = MetricWindow(t)
+        self.last = {"step": t.step, "start_step": t.start_step, "world_size": t.world}
+        if t.report.metrics or t.report.log:  # the step-0 evaluation
+            self._emit(t, {**self.last, **t.report.metrics}, log=True)
+
+    def after_step(self, t: Trainer, out: StepOutput) -> None:
+        self.window.add(out)
+        log = t.step % t.cfg.train.log_every == 0 or t.step == t.total_steps or t.report.log
+        if not (log or t.report.checkpoint is not None or t.report.metrics):
+            return
+        window = self.window.metrics(t)
+        if log:
+            self.window.reset()
+            self.last = window
+        metrics = {**window, **t.report.metrics}
+        if t.step == t.total_steps:
+            self.deferred, log = metrics, False
+        self._emit(t, metrics, log)
+
+    def after_train(self, t: Trainer) -> None:
+        final = {**(self.deferred or self.last), **t.report.metrics}
+        if self.logger:  # the run's last line: the last window with the final evaluation
+            self.logger.log({k: v for k, v in final.items() if k not in ("final_eval", "initial_eval")})
+        self._emit(t, final, log=False)
+
+    def _emit(self, t: Trainer, metrics: dict[str, Any], log: bool) -> None:
+        if log and self.logger:
+            self.logger.log(metrics)
+        self.sink(metrics, t.report.checkpoint)
+        t.report.metrics, t.report.checkpoint, t.report.log = {}, None, False
+
+    def close(self) -> None:
+        if self.logger:
+            self.logger.close()
+
+
+class PlotHook(Hook):
+    """Rank 0 draws the selection plots of a lego run (GPPF Fig. 3 and 11) from metrics.jsonl
+    into the run directory and TensorBoard."""
+
+    def __init__(self, run_dir: Path, logger: MetricsLogger | None):
+        self.run_dir = run_dir
+        self.logger = logger
+
+    def after_train(self, t: Trainer) -> None:
+        if t.rank != 0 or not t.model.backbone.routes():
+            return
+        from gppf.plots import draw
+
+        for path in draw(self.run_dir):
+            if self.logger:
+                self.logger.add_image(f"selection/{path.stem}", path, t.step)
+
+
+def default_hooks(t: Trainer, sink: Sink, run_dir: Path, extra: list[Hook] | None = None) -> list[Hook]:
+    """The standard hooks in their order; `extra` hooks run after them."""
+    logger = MetricsLogger(run_dir, t.total_steps) if t.rank == 0 else None
+    return [
+        StageHook(),
+        EvalHook(),
+        CheckpointHook(),
+        ReportHook(sink, logger),
+        PlotHook(run_dir, logger),
+        *(extra or []),
+    ]

@@ -1,0 +1,161 @@
+"""Stages: a run as a sequence of phases, each a pure function of the global step.
+
+    stages=[StageConfig("warmup", 1000, tasks=["in21k"]),
+            StageConfig("joint", 8000),
+            StageConfig("heads", 1000, freeze=["backbone.*"], lr_factor=0.1)]
+
+A stage names the tasks it runs (with sampling weights), parameters it freezes (no gradient, no
+optimizer state, BatchNorm in eval mode with its running statistics untouched), its learning
+rate (a factor on the job's schedule, or a warmup-cosine of its own) and whether the lego
+temperature τ keeps decaying. Because the stage, the LR and τ at step s depend on s alone, exact
+resume and elastic restarts work inside any stage with nothing saved. A job without stages is one
+implicit stage: every task at its sampling_weight, nothing frozen, the job's schedule.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fnmatch
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from gppf.config import ConfigError
+from gppf.optim import warmup_cosine
+
+SCHEDULES = ("global", "stage")
+
+
+@dataclass
+class StageConfig:
+    name: str = ""
+    steps: int = 0
+    # Tasks this stage trains: a list (at their own sampling_weight) or {task: sampling weight};
+    # empty = every task of the job at its sampling_weight.
+    tasks: dict[str, float] | list[str] = field(default_factory=dict)
+    freeze: list[str] = field(default_factory=list)  # fnmatch patterns over parameter names
+    lr_factor: float = 1.0  # multiplies the learning rate of every parameter group
+    schedule: str = "global"  # "global": the job's warmup-cosine; "stage": one of its own over this stage
+    warmup_steps: int = 0  # schedule="stage": linear warmup at the start of the stage
+    tau_decay: bool = True  # lego τ keeps decaying in this stage; False holds it
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ConfigError(f"stage {self.name!r}: steps must be >= 1, got {self.steps}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"stage {self.name!r}: schedule must be one of {SCHEDULES}, got {self.schedule!r}"
+            )
+        if self.lr_factor < 0:
+            raise ConfigError(f"stage {self.name!r}: lr_factor must be >= 0, got {self.lr_factor}")
+
+
+class StagePlan:
+    """The stages of a run laid out on the global step axis."""
+
+    def __init__(
+        self,
+        stages: list[StageConfig],
+        task_weights: dict[str, float],
+        total_steps: int,
+        warmup_steps: int,
+        min_lr_ratio: float = 0.0,
+    ):
+        if not stages:
+            stages = [StageConfig(name="train", steps=total_steps)]
+        names = [s.name for s in stages]
+        for i, s in enumerate(stages):
+            if not s.name:
+                raise ConfigError(f"stages[{i}]: every stage needs a name")
+            if s.name in names[:i]:
+                raise ConfigError(f"stages[{i}]: the stage name {s.name!r} is used twice")
+        self.stages = stages
+        self.task_names = list(task_weights)
+        self.starts = [0]
+        for s in stages:
+            self.starts.append(self.starts[-1] + s.steps)
+        self.total = self.starts[-1]
+        self.weights = [self._weights(i, s, task_weights) for i, s in enumerate(stages)]
+        self.warmup = min(warmup_steps, max(0, self.total - 1))
+        self.min_lr_ratio = min_lr_ratio
+        decaying = [s.steps if s.tau_decay else 0 for s in stages]
+        self.tau_starts = [sum(decaying[:i]) for i in range(len(stages) + 1)]
+
+    def _weights(self, i: int, stage: StageConfig, task_weights: dict[str, float]) -> list[float]:
+        chosen = stage.tasks or list(task_weights)
+        wanted = chosen if isinstance(chosen, dict) else {t: task_weights.get(t, 0.0) for t in chosen}
+        unknown = [t for t in wanted if t not in task_weights]
+        if unknown:
+            raise ConfigError(
+                f"stages[{i}] ({stage.name}): unknown task {unknown[0]!r}; "
+                f"the job has {', '.join(task_weights)}"
+            )
+        weights = [float(wanted.get(t, 0.0)) for t in task_weights]
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ConfigError(
+                f"stages[{i}] ({stage.name}): sampling weights must be >= 0 with a positive sum"
+            )
+        return weights
+
+    def index_at(self, step: int) -> int:
+        """The stage that runs step `step` (0-based); the run's end belongs to the last stage."""
+        return min(bisect.bisect_right(self.starts, step) - 1, len(self.stages) - 1)
+
+    def is_stage_end(self, step: int) -> bool:
+        """True when `step` steps complete a stage (a natural point for a checkpoint)."""
+        return step in self.starts[1:]
+
+    def weights_at(self, step: int) -> list[float]:
+        return self.weights[self.index_at(step)]
+
+    def tau_clock(self, step: int) -> tuple[int, int]:
+        """(steps of τ decay done before `step`, all τ-decay steps of the run)."""
+        i = self.index_at(step)
+        done = self.tau_starts[i] + (step - self.starts[i] if self.stages[i].tau_decay else 0)
+        return done, self.tau_starts[-1]
+
+    def lr_multiplier(self, step: int) -> float:
+        i = self.index_at(step)
+        s = self.stages[i]
+        if s.schedule == "stage":
+            warm = min(s.warmup_steps, max(0, s.steps - 1))
+            return s.lr_factor * warmup_cosine(step - self.starts[i], s.steps, warm, self.min_lr_ratio)
+        return s.lr_factor * warmup_cosine(step, self.total, self.warmup, self.min_lr_ratio)
+
+    def describe(self, i: int) -> str:
+        s = self.stages[i]
+        tasks = ", ".join(f"{t}:{w:g}" for t, w in zip(self.task_names, self.weights[i]) if w > 0)
+        frozen = f", frozen {', '.join(s.freeze)}" if s.freeze else ""
+        lr = "" if s.lr_factor == 1 and s.schedule == "global" else f", lr x{s.lr_factor:g} ({s.schedule})"
+        return (
+            f"stage {i + 1}/{len(self.stages)} {s.name!r}: steps {self.starts[i]}..{self.starts[i + 1]} "
+            f"tasks {tasks}{frozen}{lr}"
+        )
+
+
+def frozen_parameters(model: nn.Module, patterns: list[str], where: str) -> set[str]:
+    """Names of the parameters matching any pattern; a pattern matching nothing is an error."""
+    names = [n for n, _ in model.named_parameters()]
+    out: set[str] = set()
+    for pat in patterns:
+        hit = fnmatch.filter(names, pat)
+        if not hit:
+            raise ConfigError(
+                f"{where}: freeze pattern {pat!r} matches no parameter (names look like {names[0]!r})"
+            )
+        out.update(hit)
+    return out
+
+
+def frozen_modules(model: nn.Module, frozen: set[str]) -> list[nn.Module]:
+    """The largest sub-modules all of whose parameters are frozen: they run in eval mode, so their
+    BatchNorm statistics stay as they are and their dropout is off."""
+    out, taken = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(t + ".") for t in taken):
+            continue
+        params = [f"{name}.{n}" if name else n for n, _ in module.named_parameters()]
+        if params and all(p in frozen for p in params):
+            out.append(module)
+            taken.append(name)
+    return out

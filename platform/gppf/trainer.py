@@ -1,0 +1,339 @@
+"""The SIMT trainer: one worker's model, optimizer, streams and step, and the loop that calls hooks.
+
+One step (DESIGN.md, GPPF §3.2): sample this worker's task from (seed, step, rank), pull a batch
+from that task's stream, forward trunk + head, backward (cross-task BN syncs statistics inside),
+masked allreduce (each gradient averaged over the workers that used it), optimizer step on the
+parameters somebody used. Everything around the step (stages, evaluation, checkpoints, logs,
+plots, Ray Train reports) is a hook (`gppf.hooks`):
+
+    before_train -> [before_step -> train_step (-> after_optimizer_step) -> after_step]* -> after_train
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from gppf.allreduce import MaskedAllReduce
+from gppf.checkpoint import LoadReport, load_weights, read_weights
+from gppf.data.stream import TaskStream, eval_batches
+from gppf.job_config import JobConfig
+from gppf.model import MultiTaskModel
+from gppf.optim import build_optimizer
+from gppf.registry import build_task
+from gppf.sampler import sample_task
+from gppf.stages import StagePlan, frozen_modules, frozen_parameters
+from gppf.task import Task
+from gppf.trunk import StepState, build_trunk
+
+if TYPE_CHECKING:
+    from gppf.hooks import Hook
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_tasks(cfg: JobConfig) -> list[Task]:
+    import task_plugins  # noqa: F401  (registers the bundled plugins; entry points cover the rest)
+
+    return [build_task(name, entry) for name, entry in cfg.tasks.items()]
+
+
+@dataclass
+class StepOutput:
+    task: int  # index of the task this rank ran
+    stats: torch.Tensor  # the step's payload summed over all workers (CPU)
+    wait: float  # seconds this rank waited for its batch
+    seconds: float  # wall time of the step on this rank
+
+
+@dataclass
+class PendingReport:
+    """What hooks want reported after this step: extra metrics, a checkpoint, a forced log line."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    checkpoint: dict[str, Any] | None = None
+    log: bool = False
+
+
+class Trainer:
+    """One worker's SIMT training. `run()` trains to the end of the plan, calling the hooks.
+
+    `initialise=False` skips `model.init_from` / `backbone.init_from` (a resumed run loads a
+    checkpoint over everything anyway)."""
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        device: torch.device,
+        tasks: list[Task] | None = None,
+        hooks: Sequence[Hook] = (),
+        initialise: bool = True,
+    ):
+        self.cfg = cfg
+        self.device = device
+        self.rank, self.world = world()
+        self.tasks = tasks if tasks is not None else build_tasks(cfg)
+        self.plan = StagePlan(
+            cfg.stages,
+            {t.name: t.cfg.sampling_weight for t in self.tasks},
+            cfg.train.steps,
+            cfg.optim.warmup_steps,
+            cfg.optim.min_lr_ratio,
+        )
+        self.total_steps = self.plan.total
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        trunk = build_trunk(cfg.backbone, [t.name for t in self.tasks])
+        self.model = MultiTaskModel(trunk, self.tasks).to(device)
+        self.init_reports: list[LoadReport] = self._initialise() if initialise and self.rank == 0 else []
+        self._broadcast_state()
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.plan.lr_multiplier)
+        amp_on = cfg.train.amp and device.type == "cuda"
+        self.amp_dtype = torch.float16 if cfg.train.amp_dtype == "float16" else torch.bfloat16
+        self.autocast = (
+            (lambda: torch.autocast("cuda", dtype=self.amp_dtype)) if amp_on else contextlib.nullcontext
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if amp_on and self.amp_dtype == torch.float16 else None
+        self.payload = self._payload()
+        self.streams: dict[str, TaskStream] = {}
+        self.step = 0
+        self.start_step = 0
+        self.initial_eval: dict[str, dict[str, float]] = {}
+        self.report = PendingReport()
+        self.hooks = list(hooks)
+        self.stage_index = -1
+        self.enter_stage(self.plan.index_at(0))
+
+    # -- setup --------------------------------------------------------------------------------
+    def _initialise(self) -> list[LoadReport]:
+        """Weights only, from `model.init_from` and/or `backbone.init_from` (rank 0; broadcast)."""
+        reports = []
+        if self.cfg.model.init_from:
+            state, kind = read_weights(self.cfg.model.init_from)
+            if kind != "checkpoint":
+                raise ValueError(
+                    f"model.init_from={self.cfg.model.init_from}: a plain state_dict holds a backbone only; "
+                    "use backbone.init_from for it"
+                )
+            reports.append(load_weights(self.model, state, self.cfg.model.init_from))
+        if self.cfg.backbone.init_from:
+            src = self.cfg.backbone.init_from
+            state, kind = read_weights(src)
+            trunk = self.model.backbone
+            if kind == "checkpoint":
+                state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+                reports.append(load_weights(trunk, state, src))
+            else:
+                reports.append(trunk.load_plain(state, src))
+        return reports
+
+    def _broadcast_state(self) -> None:
+        if self.world > 1:
+            for t in list(self.model.parameters()) + list(self.model.buffers()):
+                dist.broadcast(t.data, src=0)
+
+    def _payload(self):
+        from gppf.payload import StepPayload
+
+        p, n = StepPayload(), len(self.tasks)
+        p.register("nonfinite", n)  # 1 where a rank's loss was NaN/inf
+        p.register("loss", n)  # loss sums per task
+        p.register("steps", n)  # how many workers ran each task
+        p.register("samples", n)
+        p.register("data_wait", self.world)  # seconds each rank waited for its batch
+        p.register("task_choice", self.world, windowed=False)  # the task index each rank ran
+        return p
+
+    def enter_stage(self, index: int) -> None:
+        """Make stage `index` current: its frozen parameters lose requires_grad and optimizer state,
+        their modules go to eval mode, and the masked allreduce covers only what trains."""
+        stage = self.plan.stages[index]
+        frozen = frozen_parameters(self.model, stage.freeze, f"stages[{index}] ({stage.name})")
+        can_train = {id(p) for p in self.trainable}
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name not in frozen and id(p) in can_train)
+        for p in self.model.parameters():
+            if not p.requires_grad:
+                self.optimizer.state.pop(p, None)
+        training = [p for p in self.model.parameters() if p.requires_grad]
+        if not training:
+            raise ValueError(f"stages[{index}] ({stage.name}) freezes every parameter: nothing would train")
+        self.reducer = MaskedAllReduce(training, self.cfg.train.bucket_mb)
+        self.frozen = frozen_modules(self.model, frozen)
+        self.stage_index = index
+        self.set_train_mode()
+
+    def set_train_mode(self) -> None:
+        """Training mode, except the frozen modules of the current stage (eval: BN statistics and
+        dropout stay put). Called on stage entry and after evaluation, never per step."""
+        self.model.train()
+        for m in self.frozen:
+            m.eval()
+
+    def stream(self, task: Task) -> TaskStream:
+        if task.name not in self.streams:
+            self.streams[task.name] = TaskStream(
+                task, self.cfg.train.seed, self.rank, self.world, self.cfg.data
+            )
+        return self.streams[task.name]
+
+    def task_at(self, step: int) -> int:
+        return sample_task(
+            self.plan.weights_at(step),
+            self.cfg.train.seed,
+            step,
+            self.rank,
+            self.cfg.train.per_batch_sampling,
+        )
+
+    def step_state(self) -> StepState:
+        tau_step, tau_total = self.plan.tau_clock(self.step)
+        return StepState(self.cfg.train.seed, self.step, self.rank, tau_step, tau_total)
+
+    # -- the step -----------------------------------------------------------------------------
+    def train_step(self) -> StepOutput:
+        """One SIMT step. Returns this step's payload summed over all workers."""
+        t0 = time.perf_counter()
+        ti = self.task_at(self.step)
+        task = self.tasks[ti]
+        batch, wait = self.stream(task).next()
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        # Every random draw of this step (dropout, RPN/RoI sampling, Mixup, Gumbel noise) is a
+        # function of (seed, step, rank), so a run resumed from a checkpoint repeats it exactly.
+        rng = np.random.default_rng([self.cfg.train.seed, self.step, self.rank, 11])
+        torch.manual_seed(int(rng.integers(2**62)))
+        batch = task.train_batch(batch, rng)
+        self.model.backbone.set_step(self.step_state())
+        with self.autocast():
+            out, tie = self.model(batch[task.input_key()], task.name, batch)
+            loss = task.loss(out, batch) * task.cfg.loss_weight
+        (self.scaler.scale(loss + tie) if self.scaler else loss + tie).backward()
+        self._record(ti, loss.detach(), batch[task.input_key()].shape[0], wait)
+        summed, _ = self.reducer.reduce(self.payload.build(self.device))  # the payload rides along
+        summed = summed.cpu()
+        self._raise_if_nonfinite(summed)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # None = "unused" for the next masked allreduce
+        self.scheduler.step()
+        self.call("after_optimizer_step")
+        self.step += 1
+        return StepOutput(ti, summed, wait, time.perf_counter() - t0)
+
+    def _record(self, ti: int, loss: torch.Tensor, samples: int, wait: float) -> None:
+        finite = bool(torch.isfinite(loss))
+        p = self.payload
+        p.add("nonfinite", ti, 0.0 if finite else 1.0)
+        p.add("loss", ti, loss.float() if finite else 0.0)
+        p.add("steps", ti, 1.0)
+        p.add("samples", ti, samples)
+        p.add("data_wait", self.rank, wait)
+        p.add("task_choice", self.rank, ti)
+
+    def _raise_if_nonfinite(self, summed: torch.Tensor) -> None:
+        bad = self.payload.view(summed, "nonfinite")
+        if bad.sum() > 0:  # every rank sees the sum, so every rank raises: none waits in a collective
+            names = [self.tasks[i].name for i in range(len(self.tasks)) if bad[i] > 0]
+            raise NonFiniteLossError(f"non-finite loss in task(s) {', '.join(names)} at step {self.step}")
+
+    # -- the loop -----------------------------------------------------------------------------
+    def call(self, event: str, *args: Any) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)(self, *args)
+
+    def run(self) -> None:
+        """Train from the current step to the end of the plan. Hooks that issue collectives run on
+        every rank at the same steps (the trainer calls them alike everywhere)."""
+        self.start_step = self.step
+        try:
+            self.call("before_train")
+            while self.step < self.total_steps:
+                self.call("before_step")
+                out = self.train_step()
+                self.call("after_step", out)
+            self.call("after_train")
+        finally:
+            self.close()
+            for hook in self.hooks:
+                hook.close()
+
+    # -- evaluation and state -----------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, max_batches: int = 0) -> dict[str, dict[str, float]]:
+        """Every worker evaluates its share of each task's validation split; states are summed."""
+        self.model.eval()
+        results = {}
+        for task in self.tasks:
+            ev = task.evaluator()
+            for batch in eval_batches(task, self.rank, self.world, self.cfg.data, max_batches):
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                with self.autocast():
+                    out, _ = self.model(batch[task.input_key()], task.name, batch)
+                ev.update(out.float() if torch.is_tensor(out) else out, batch)
+            ev.synchronize(self.device)
+            results[task.name] = ev.compute()
+        self.set_train_mode()
+        return results
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole training state (a collective: it gathers every rank's stream positions)."""
+        streams = {name: s.state() for name, s in self.streams.items()}
+        all_streams: list[Any] = [None] * self.world
+        if self.world > 1:
+            dist.all_gather_object(all_streams, streams)
+        else:
+            all_streams = [streams]
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "streams": all_streams,  # per rank: {task: {pass_idx, taken}}
+            "world_size": self.world,
+            "initial_eval": self.initial_eval,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.initial_eval = state.get("initial_eval") or {}
+        self.enter_stage(self.plan.index_at(self.step))  # the stage is a function of the step
+        streams = state.get("streams") or []
+        # Same world size: each rank continues its own streams where they stopped. Otherwise the
+        # shares changed anyway, so every stream starts the pass after the furthest old one.
+        for task in self.tasks:
+            if state.get("world_size") == self.world and self.rank < len(streams):
+                if task.name in streams[self.rank]:
+                    self.stream(task).load_state(streams[self.rank][task.name])
+                continue
+            passes = [s[task.name]["pass_idx"] for s in streams if task.name in s]
+            if passes:
+                self.stream(task).load_state({"pass_idx": max(passes) + 1, "taken": 0})
+
+    def close(self) -> None:
+        for s in self.streams.values():
+            s.close()
