@@ -3,7 +3,8 @@
 Every BatchNorm of the backbone becomes `CrossTaskBatchNorm2d` (statistics over all workers'
 batches); heads use GroupNorm or local BN, never cross-task BN, because ranks run different heads
 and their collectives would not line up (DESIGN.md). Which trunk a config builds is decided by
-the registry in `gppf.trunk` (kind x timm family); this file registers the generic static one.
+the registry in `gppf.trunk` (kind x timm family); this file registers the generic static one,
+and importing it registers every bundled trunk (whoever holds a BackboneConfig has imported it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import gppf.swin  # noqa: F401  (registers the Swin trunks; lego registers LegoResNet)
 from gppf.checkpoint import LoadReport, load_weights
 from gppf.cross_bn import CrossTaskBatchNorm2d, recomputing
 from gppf.lego import LegoConfig
@@ -115,10 +117,3 @@ class Backbone(Trunk):
 @register_trunk("static")
 def _static(cfg: BackboneConfig, task_names: list[str]) -> Trunk:
     return Backbone.from_config(cfg)
-
-
-def build_backbone(cfg: BackboneConfig, task_names: list[str]) -> Trunk:
-    """The shared backbone of a job (see `gppf.trunk.build_trunk`)."""
-    from gppf.trunk import build_trunk
-
-    return build_trunk(cfg, task_names)

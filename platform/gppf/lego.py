@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gppf.checkpoint import LoadReport
+from gppf.checkpoint import LoadReport, load_weights
 from gppf.cross_bn import CrossTaskBatchNorm2d, unit_slot
 from gppf.task import FeatureInfo
 from gppf.trunk import StepState, Trunk, register_trunk
@@ -257,8 +257,6 @@ class LegoBackbone(Trunk):
 
     def load_plain(self, state: dict[str, torch.Tensor], source: str) -> LoadReport:
         """Every unit of every layer starts from the plain network's weights of that layer."""
-        from gppf.checkpoint import load_weights
-
         report = LoadReport(source)
         used: set[str] = set()
         for prefix, layer in zip(self.layer_names, self.layers):

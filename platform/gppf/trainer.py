@@ -27,6 +27,7 @@ from gppf.data.stream import TaskStream, eval_batches
 from gppf.job_config import JobConfig
 from gppf.model import MultiTaskModel
 from gppf.optim import build_optimizer
+from gppf.payload import StepPayload
 from gppf.registry import build_task
 from gppf.sampler import sample_task
 from gppf.stages import StagePlan, frozen_modules, frozen_parameters
@@ -148,9 +149,7 @@ class Trainer:
             for t in list(self.model.parameters()) + list(self.model.buffers()):
                 dist.broadcast(t.data, src=0)
 
-    def _payload(self):
-        from gppf.payload import StepPayload
-
+    def _payload(self) -> StepPayload:
         p, n = StepPayload(), len(self.tasks)
         p.register("nonfinite", n)  # 1 where a rank's loss was NaN/inf
         p.register("loss", n)  # loss sums per task

@@ -117,11 +117,8 @@ def timm_family(name: str) -> str:
 
 
 def build_trunk(cfg: BackboneConfig, task_names: list[str]) -> Trunk:
-    """The trunk for `cfg` (backbone.kind and backbone.name) serving `task_names`."""
-    import gppf.backbone  # noqa: F401  (the bundled trunks register themselves on import)
-    import gppf.lego  # noqa: F401
-    import gppf.swin  # noqa: F401
-
+    """The trunk for `cfg` (backbone.kind and backbone.name) serving `task_names`. (The bundled
+    trunks registered themselves when `gppf.backbone`, which defines the config, was imported.)"""
     family = timm_family(cfg.name)
     builder = _TRUNKS.get((cfg.kind, family)) or _TRUNKS.get((cfg.kind, "*"))
     if builder is None:
