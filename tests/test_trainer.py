@@ -198,3 +198,24 @@ def test_payload_slots():
     assert p.build(torch.device("cpu")).sum() == 0  # staged values are consumed
     with pytest.raises(RuntimeError, match="after the first step"):
         p.register("late", 1)
+
+
+def test_a_hook_registers_a_payload_slot_and_reports_it():
+    from gppf.hooks import ReportHook
+
+    reports = []
+
+    class Counter(Hook):
+        def before_train(self, t):
+            t.payload.register("my_count", 2)
+
+        def before_step(self, t):
+            t.payload.add("my_count", 1, 0.5 * t.step)
+
+    cfg = _config()
+    cfg.train.log_every = 2
+    t = _trainer(cfg, hooks=[Counter(), ReportHook(lambda m, ckpt: reports.append(m), logger=None)])
+    t.run()
+    assert [r["step"] for r in reports] == [2, 4, 4]  # log steps, then the final report
+    assert [r["my_count"] for r in reports[:2]] == [[0.0, 0.25], [0.0, 1.25]]  # per-step mean of the window
+    assert all(r["world_size"] == 1 and ("loss/a" in r or "loss/b" in r) for r in reports)

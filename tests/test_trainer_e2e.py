@@ -7,7 +7,8 @@
   run's per-step task choices and losses (1e-6);
 - `train.eval_every` evaluations appear at those steps in metrics.jsonl, TensorBoard and the
   reports a callback passed to `fit` receives;
-- `model.init_from` starts a new run at step 0 from the loaded weights.
+- `model.init_from` starts a new run at step 0 from the loaded weights; `--resume RUN_DIR`
+  continues a run in place; a hook passed to `fit` runs on the workers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from gppf.checkpoint import load_checkpoint
+from gppf.hooks import Hook
 from gppf.optim import warmup_cosine
 from gppf.runner import fit
 from tests.staged_job import EVAL_EVERY, TOTAL, staged_config, steps_of
@@ -139,16 +141,30 @@ def test_killed_in_stage_two_resumes_exactly(staged_run, demo_root, tmp_path, ra
             assert abs(v - b[k]) <= 1e-6, f"step {step} {k}: {v} vs {b[k]}"
 
 
-def test_init_from_starts_a_new_run_at_step_zero_from_the_weights(staged_run, demo_root, tmp_path):
+def test_init_from_starts_at_step_zero_and_resume_continues_in_place(staged_run, demo_root, tmp_path):
     result, _, _ = staged_run
     cfg = staged_config(demo_root, tmp_path, "c")
     cfg.stages = []
     cfg.train.steps = 2
     cfg.train.eval_every = 0
     cfg.model.init_from = result["checkpoint"]
-    out = fit(cfg)
+
+    class Marker(Hook):  # defined here: pickled by value to the workers
+        def after_step(self, t, out):
+            t.report.metrics["marker"] = 10 * t.step
+
+    out = fit(cfg, hooks=[Marker()])
     assert out["start_step"] == 0 and out["step"] == 2
+    assert out["marker"] == 20  # a hook passed to fit runs on the workers and reaches the report
     # Evaluated before any step: the loaded weights give the first run's final metrics exactly.
     assert out["initial_eval"] == result["final_eval"]
     first = steps_of(Path(out["run_dir"]) / "metrics.jsonl")[1]
     assert abs(first["lr"] - 0.02 * warmup_cosine(1, 2, 1)) < 1e-12  # a fresh schedule from step 0
+    assert first["marker"] == 10
+
+    # --resume RUN_DIR continues that run in place from its newest checkpoint (here: to step 4).
+    cfg.train.steps = 4
+    more = fit(cfg, resume_from=out["run_dir"])
+    assert more["run_dir"] == out["run_dir"] and more["start_step"] == 2 and more["step"] == 4
+    lines = steps_of(Path(out["run_dir"]) / "metrics.jsonl")
+    assert sorted(lines) == [1, 2, 3, 4] and lines[3]["start_step"] == 2

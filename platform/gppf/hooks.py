@@ -11,7 +11,8 @@
 Hooks run in that order. A hook that issues collectives (evaluation, the state gather of a
 checkpoint) runs on every rank at the same steps; only rank 0 writes files. Hooks put what they
 want reported into `trainer.report`; ReportHook sends one report per step that has something.
-A new hook subclasses `Hook` and is passed to `Trainer(hooks=...)` or `default_hooks(extra=...)`.
+A new hook subclasses `Hook` and is passed to `fit(cfg, hooks=[...])` (they run between
+CheckpointHook and ReportHook) or to `Trainer(hooks=...)`.
 """
 
 from __future__ import annotations
@@ -156,13 +157,14 @@ class PlotHook(Hook):
 
 
 def default_hooks(t: Trainer, sink: Sink, run_dir: Path, extra: list[Hook] | None = None) -> list[Hook]:
-    """The standard hooks in their order; `extra` hooks run after them."""
+    """The standard hooks in their order. `extra` hooks run after the checkpoint and before the
+    report of each step, so what they put into `trainer.report.metrics` is reported that step."""
     logger = MetricsLogger(run_dir, t.total_steps) if t.rank == 0 else None
     return [
         StageHook(),
         EvalHook(),
         CheckpointHook(),
+        *(extra or []),
         ReportHook(sink, logger),
         PlotHook(run_dir, logger),
-        *(extra or []),
     ]

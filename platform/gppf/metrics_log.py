@@ -1,7 +1,9 @@
 """Metric windows and rank 0's logs: metrics.jsonl, TensorBoard scalars and one progress line.
 
 A window sums the per-step payload (`gppf.payload`) over the steps between two log lines and
-turns it into per-task losses, images/s, data-wait fractions and step time. Evaluation results
+turns it into per-task losses, images/s, data-wait fractions and step time; a slot another
+component registered is reported under its name, as its sum over workers averaged over the
+window's steps. Evaluation results
 travel as `{"eval": {task: {metric: value}}}` in the same line; TensorBoard gets them as
 `val/<task>/<metric>`.
 """
@@ -24,6 +26,9 @@ def say(msg: str) -> None:
     """A progress line on the process's real stdout: Ray Train V2 patches print() to also log each
     line, which shows every progress line twice in the driver's output."""
     print(msg, file=sys.__stdout__, flush=True)
+
+
+BUILTIN_SLOTS = ("nonfinite", "loss", "steps", "samples", "data_wait", "task_choice")
 
 
 class MetricWindow:
@@ -65,6 +70,10 @@ class MetricWindow:
             m[f"data_wait_s/rank{r}"] = wait
         m["step_time_s"] = seconds / max(steps.sum().item() / max(t.world, 1), 1.0)
         m["task_choices"] = list(self.choices)  # one list per step of the window: each rank's task
+        for name, slot in self.payload.slots.items():  # slots other components registered
+            if name not in BUILTIN_SLOTS and slot.windowed:
+                per_step = (view(name) / max(len(self.choices), 1)).tolist()
+                m[name] = per_step[0] if slot.size == 1 else per_step
         routes = t.model.backbone.routes()
         if routes:
             m["routes"] = routes
