@@ -2,7 +2,7 @@
 
 | hook | before_train | before_step | after_step | after_train |
 |---|---|---|---|---|
-| StageHook | | enters the stage of this step | | |
+| StageHook | starts the stage's streams | enters the stage of this step (and starts its streams) | | |
 | EvalHook | step-0 evaluation | | every `eval_every` steps | final evaluation |
 | CheckpointHook | | | every `checkpoint_every` steps, stage ends, the last step | |
 | ReportHook | | | log line + Ray Train report | last log line + final report |
@@ -43,18 +43,27 @@ class Hook:
 
 
 class StageHook(Hook):
-    """Switches stages: the stage of a step is a function of the step (gppf.stages)."""
+    """Switches stages (the stage of a step is a function of the step, gppf.stages) and starts the
+    streams of a stage's tasks as it begins: their first chunks decode while the step-0
+    evaluation runs, instead of inside the first training steps."""
 
     def before_train(self, t: Trainer) -> None:
-        if t.rank == 0 and len(t.plan.stages) > 1:
-            say(f"[gppf] {t.plan.describe(t.stage_index)}")
+        self._announce(t)
 
     def before_step(self, t: Trainer) -> None:
         index = t.plan.index_at(t.step)
         if index != t.stage_index:
             t.enter_stage(index)
-            if t.rank == 0:
-                say(f"[gppf] {t.plan.describe(index)}")
+            self._announce(t)
+
+    @staticmethod
+    def _announce(t: Trainer) -> None:
+        weights = t.plan.weights[t.stage_index]
+        for task, w in zip(t.tasks, weights):
+            if w > 0:
+                t.stream(task).start()
+        if t.rank == 0 and len(t.plan.stages) > 1:
+            say(f"[gppf] {t.plan.describe(t.stage_index)}")
 
 
 class EvalHook(Hook):

@@ -207,6 +207,11 @@ class TaskStream:
             out += [(pass_idx, seed, c) for c in _slices(self._share(epoch), first if j == 0 else per, per)]
         return out
 
+    def start(self) -> None:
+        """Start decoding now (idempotent): the first `next()` then finds batches ready."""
+        if self._queue is None:
+            self._start()
+
     def _start(self) -> None:
         self._queue = queue.Queue(maxsize=max(1, self.cfg.prefetch_batches))
         self._stop = threading.Event()
