@@ -96,9 +96,13 @@ def test_killed_worker_resumes_exactly(demo_root, tmp_path, ray_session):
     lines = [json.loads(x) for x in metrics_file.read_text().splitlines()]
     restarts = sorted({m["start_step"] for m in lines} - {0})
     assert restarts and all(s % 4 == 0 and s >= 4 for s in restarts), restarts  # from a checkpoint
-    resumed = _steps(metrics_file)
-    assert sorted(resumed) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
+    assert_same_steps(reference, _steps(metrics_file), STEPS)
+
+
+def assert_same_steps(reference: dict[int, dict], resumed: dict[int, dict], steps: int) -> None:
+    """Every step 1..steps logged, with the reference's task choices and losses (1e-6)."""
+    assert sorted(resumed) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
         a, b = reference[step], resumed[step]
         assert a["task_choices"] == b["task_choices"], f"step {step}"
         losses = {k: v for k, v in a.items() if k.startswith("loss/")}

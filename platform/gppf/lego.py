@@ -181,7 +181,6 @@ class LegoBackbone(Trunk):
         channels_last_features: bool = False,
     ):
         super().__init__()
-        self.name = model_name
         self.timm_name = model_name
         self.cfg = cfg
         self.layer_names = [n for n, _ in layers]

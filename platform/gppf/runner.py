@@ -107,7 +107,7 @@ def fit(
     callbacks: Ray Train callbacks (`ray.train.UserCallback`, Tune's `TuneReportCallback`), passed
         to the run config: they see every report, evaluations included;
     hooks: extra trainer hooks (gppf.hooks.Hook, picklable), run on every worker after the
-        standard ones.
+        checkpoint hook and before the step's report (gppf.hooks.default_hooks).
     """
     from ray.train.torch import TorchConfig, TorchTrainer
 
