@@ -26,6 +26,9 @@ class FixedStream:
     def next(self):
         return self.batch, 0.0
 
+    def start(self):
+        pass
+
     def close(self):
         pass
 
