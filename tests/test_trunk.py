@@ -125,3 +125,17 @@ def test_static_swin_takes_any_input_size_and_matches_timm_at_224(size):
         torch.testing.assert_close(
             trunk(x)[-1], ref.forward_features(x).permute(0, 3, 1, 2), atol=1e-5, rtol=1e-5
         )
+
+
+def test_static_swin_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    no_drop = {**SMALL_SWIN, "drop_path_rate": 0.0}  # timm's Swin-T drops paths (0.1) by default
+    plain = StaticSwin(SWIN, no_drop)
+    ckpt = StaticSwin(SWIN, no_drop, grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 72, 72)
+    for m in (plain, ckpt):
+        sum((f * (i + 1)).mean() for i, f in enumerate(m(x))).backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert all(stage.grad_checkpointing for stage in ckpt.body.layers)

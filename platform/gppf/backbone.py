@@ -23,7 +23,7 @@ from gppf.checkpoint import LoadReport, load_weights
 from gppf.cross_bn import CrossTaskBatchNorm2d, recomputing
 from gppf.lego import LegoConfig
 from gppf.task import FeatureInfo
-from gppf.trunk import Trunk, register_trunk
+from gppf.trunk import Trunk, register_trunk, timm_kwargs
 
 
 @dataclass
@@ -36,7 +36,7 @@ class BackboneConfig:
     out_indices: tuple[int, ...] = (-4, -3, -2, -1)
     cross_task_bn: bool = True  # False = GPPF Table 1's "local BN" ablation
     grad_checkpointing: bool = False  # static CNN backbones only for now
-    drop_path_rate: float = 0.0
+    drop_path_rate: float | None = None  # None: the timm model's own default (Swin-T 0.1, ResNets 0)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
     # Weights only, from a gppf checkpoint (its backbone) or a plain timm state_dict (an exported
     # route, `python -m gppf.export`); training still starts at step 0 with a fresh optimizer.
@@ -70,13 +70,12 @@ class Backbone(Trunk):
         out_indices: tuple[int, ...] = (-4, -3, -2, -1),
         cross_task_bn: bool = True,
         grad_checkpointing: bool = False,
-        drop_path_rate: float = 0.0,
+        drop_path_rate: float | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.timm_name = name
-        kwargs = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
-        kwargs.update(model_kwargs or {})
+        kwargs = timm_kwargs(drop_path_rate, model_kwargs)
         self.body = timm.create_model(
             name, pretrained=False, features_only=True, out_indices=tuple(out_indices), **kwargs
         )

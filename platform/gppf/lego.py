@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from gppf.checkpoint import LoadReport, load_weights
 from gppf.cross_bn import CrossTaskBatchNorm2d, unit_slot
 from gppf.task import FeatureInfo
-from gppf.trunk import StepState, Trunk, register_trunk
+from gppf.trunk import StepState, Trunk, register_trunk, timm_kwargs
 
 if TYPE_CHECKING:
     from gppf.backbone import BackboneConfig
@@ -318,7 +318,7 @@ class LegoResNet(LegoBackbone):
 def _lego_resnet(cfg: BackboneConfig, task_names: list[str]) -> Trunk:
     if cfg.grad_checkpointing:
         raise ValueError("backbone.grad_checkpointing is not supported with backbone.kind=lego yet")
-    model = LegoResNet(cfg.name, task_names, cfg.lego, cfg.model_kwargs)
+    model = LegoResNet(cfg.name, task_names, cfg.lego, timm_kwargs(cfg.drop_path_rate, cfg.model_kwargs))
     if cfg.cross_task_bn:
         CrossTaskBatchNorm2d.convert(model)
     return model

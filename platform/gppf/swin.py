@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from gppf.checkpoint import LoadReport, load_weights
 from gppf.lego import LegoBackbone, LegoConfig, _models
 from gppf.task import FeatureInfo
-from gppf.trunk import Trunk, register_trunk
+from gppf.trunk import Trunk, register_trunk, timm_kwargs
 
 if TYPE_CHECKING:
     from gppf.backbone import BackboneConfig
@@ -211,13 +211,11 @@ class LegoSwin(LegoBackbone):
 
 @register_trunk("static", "swin_transformer")
 def _static_swin(cfg: BackboneConfig, task_names: list[str]) -> Trunk:
-    kwargs = {"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {}
-    return StaticSwin(cfg.name, {**kwargs, **cfg.model_kwargs}, cfg.grad_checkpointing)
+    return StaticSwin(cfg.name, timm_kwargs(cfg.drop_path_rate, cfg.model_kwargs), cfg.grad_checkpointing)
 
 
 @register_trunk("lego", "swin_transformer")
 def _lego_swin(cfg: BackboneConfig, task_names: list[str]) -> Trunk:
     if cfg.grad_checkpointing:
         raise ValueError("backbone.grad_checkpointing is not supported with backbone.kind=lego yet")
-    kwargs = {"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {}
-    return LegoSwin(cfg.name, task_names, cfg.lego, {**kwargs, **cfg.model_kwargs})
+    return LegoSwin(cfg.name, task_names, cfg.lego, timm_kwargs(cfg.drop_path_rate, cfg.model_kwargs))

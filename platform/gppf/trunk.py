@@ -103,6 +103,12 @@ def register_trunk(kind: str, family: str = "*") -> Callable[[Builder], Builder]
     return deco
 
 
+def timm_kwargs(drop_path_rate: float | None, model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Keyword arguments for timm.create_model: what the backbone config sets explicitly
+    (drop_path_rate None keeps the model's own default), then model_kwargs."""
+    return {**({} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}), **(model_kwargs or {})}
+
+
 def timm_family(name: str) -> str:
     """timm's module of a model name: "resnet", "swin_transformer", ... (ValueError if unknown)."""
     import timm
