@@ -173,18 +173,21 @@ def test_init_from_loads_weights_only_and_starts_at_step_zero(tmp_path):
 def test_backbone_init_from_a_plain_state_dict_reports_what_it_loaded(tmp_path):
     a = _trainer(_config())
     state = a.model.backbone.export()
-    state["extra.weight"] = torch.zeros(1)
     del state["conv1.0.weight"]
     torch.save(state, tmp_path / "route.pt")
     cfg = _config()
     cfg.backbone.init_from = str(tmp_path / "route.pt")
     b = _trainer(cfg)
     (report,) = b.init_reports
-    assert report.unexpected == ["extra.weight"] and report.missing == ["conv1.0.weight"]
+    assert report.missing == ["conv1.0.weight"] and not report.unexpected
     assert "stay as initialised (1): conv1.0.weight" in report.summary()
     assert torch.equal(
         b.model.backbone.body.layer1[0].conv1.weight, a.model.backbone.body.layer1[0].conv1.weight
     )
+    state["extra.weight"] = torch.zeros(1)  # a key that maps to nothing is an error naming it
+    torch.save(state, tmp_path / "route.pt")
+    with pytest.raises(ValueError, match=r"'extra.weight' maps to no parameter of the resnet10t backbone"):
+        _trainer(cfg)
 
 
 def test_payload_slots():

@@ -36,17 +36,22 @@ def load_checkpoint(directory: str | Path, map_location: str | torch.device = "c
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """(state_dict, kind) from a platform checkpoint (directory or its state.pt; kind "checkpoint",
-    keys of the whole multi-task model) or a bare state_dict file (kind "plain", e.g. an exported
-    route in timm's key layout)."""
+    """(state_dict, kind) from a file or checkpoint directory: kind "checkpoint" for a gppf
+    checkpoint (the whole multi-task model, in the platform's own keys) or "plain" for anything
+    else that holds a state_dict (an exported route, timm, torchvision, MoCo, DenseCL: see
+    gppf.weight_formats), unwrapped from a "state_dict" or "model" entry if it has one."""
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / CKPT_FILE
     if not p.is_file():
         raise FileNotFoundError(f"init_from: {p} does not exist (a checkpoint directory or a .pt file)")
     obj = torch.load(p, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "step" in obj and "optimizer" in obj:
         return obj["model"], "checkpoint"
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
     if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
         return obj, "plain"
     raise ValueError(f"init_from: {p} is neither a gppf checkpoint nor a state_dict of tensors")
@@ -60,9 +65,14 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    fmt: str = ""  # the format the file was read as (gppf.weight_formats)
+    dropped: list[str] = field(default_factory=list)  # keys of the file deliberately left out
 
     def summary(self) -> str:
-        lines = [f"[gppf] init_from {self.source}: loaded {len(self.loaded)} tensors"]
+        fmt = f" ({self.fmt})" if self.fmt else ""
+        lines = [f"[gppf] init_from {self.source}{fmt}: loaded {len(self.loaded)} tensors"]
+        if self.dropped:
+            lines.append(f"  left out, not backbone ({len(self.dropped)}): {_grouped(self.dropped)}")
         if self.missing:
             lines.append(f"  stay as initialised ({len(self.missing)}): {_grouped(self.missing)}")
         if self.unexpected:

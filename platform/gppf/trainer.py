@@ -33,6 +33,7 @@ from gppf.sampler import sample_task
 from gppf.stages import StagePlan, frozen_modules, frozen_parameters
 from gppf.task import Task
 from gppf.trunk import StepState, build_trunk
+from gppf.weight_formats import load_backbone
 
 if TYPE_CHECKING:
     from gppf.hooks import Hook
@@ -134,14 +135,7 @@ class Trainer:
                 )
             reports.append(load_weights(self.model, state, self.cfg.model.init_from))
         if self.cfg.backbone.init_from:
-            src = self.cfg.backbone.init_from
-            state, kind = read_weights(src)
-            trunk = self.model.backbone
-            if kind == "checkpoint":
-                state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
-                reports.append(load_weights(trunk, state, src))
-            else:
-                reports.append(trunk.load_plain(state, src))
+            reports.append(load_backbone(self.model.backbone, self.cfg.backbone.init_from))
         return reports
 
     def _broadcast_state(self) -> None:
