@@ -62,16 +62,13 @@ def select_tasks(cfg: JobConfig, names: str | None) -> JobConfig:
     return cfg
 
 
-def main(
-    description: str,
+def load_config(
+    args: argparse.Namespace,
     full_config: Callable[[str], JobConfig],
     demo_config: Callable[[str], JobConfig],
-    argv: list[str] | None = None,
-) -> dict:
-    """Build the job's config (full with --data-root, else the embedded demo), run it, print the table."""
-    from gppf.runner import fit, results_table
-
-    args = parser(description).parse_args(argv)
+) -> JobConfig:
+    """The job's config from the command line: the full one with --data-root, else the embedded
+    demo (its data generated first), then --tasks and --set. Errors exit with status 2."""
     try:
         if args.data_root:
             root = Path(args.data_root)
@@ -86,18 +83,36 @@ def main(
             n = max(8, args.demo_images)
             cfg = demo_config(str(generate(Path(args.demo_root).expanduser().absolute(), n, max(4, n // 4))))
         cfg = select_tasks(cfg, args.tasks)
-        cfg = apply_overrides(cfg, args.overrides)
+        return apply_overrides(cfg, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if args.print_config:
-        print(json.dumps(to_dict(cfg), indent=2))
-        return {}
+
+
+def run(cfg: JobConfig, resume: str | None = None) -> dict:
+    """Fit the job and print its results table."""
+    from gppf.runner import fit, results_table
+
     t0 = time.time()
-    metrics = fit(cfg, resume_from=args.resume)
+    metrics = fit(cfg, resume_from=resume)
     print(
         f"\n[gppf] {cfg.name}: {metrics.get('step')} steps in {time.time() - t0:.0f}s; "
         f"run directory {metrics.get('run_dir')}"
     )
     print(results_table(metrics))
     return metrics
+
+
+def main(
+    description: str,
+    full_config: Callable[[str], JobConfig],
+    demo_config: Callable[[str], JobConfig],
+    argv: list[str] | None = None,
+) -> dict:
+    """Build the job's config (full with --data-root, else the embedded demo), run it, print the table."""
+    args = parser(description).parse_args(argv)
+    cfg = load_config(args, full_config, demo_config)
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return {}
+    return run(cfg, args.resume)

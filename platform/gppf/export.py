@@ -22,15 +22,19 @@ from gppf.job_config import JobConfig
 from gppf.trunk import Trunk, build_trunk
 
 
-def load_trunk(ckpt_dir: str | Path) -> tuple[Trunk, JobConfig]:
-    """The trunk of a checkpoint, built from its run's config.json and loaded with its weights."""
-    ckpt_dir = Path(ckpt_dir).expanduser().absolute()
-    config = ckpt_dir.parent / "config.json"
+def checkpoint_config(ckpt_dir: str | Path) -> JobConfig:
+    """The job config of the run a checkpoint belongs to (config.json next to the checkpoint)."""
+    config = Path(ckpt_dir).expanduser().absolute().parent / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"no {config}: pass a checkpoint directory inside a gppf run directory")
-    cfg = from_dict(JobConfig, json.loads(config.read_text()), where=str(config))
+    return from_dict(JobConfig, json.loads(config.read_text()), where=str(config))
+
+
+def load_trunk(ckpt_dir: str | Path) -> tuple[Trunk, JobConfig]:
+    """The trunk of a checkpoint, built from its run's config.json and loaded with its weights."""
+    cfg = checkpoint_config(ckpt_dir)
     trunk = build_trunk(cfg.backbone, list(cfg.tasks))
-    state = load_checkpoint(ckpt_dir)["model"]
+    state = load_checkpoint(Path(ckpt_dir).expanduser())["model"]
     trunk.load_state_dict({k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")})
     return trunk.eval(), cfg
 

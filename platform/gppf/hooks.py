@@ -7,6 +7,7 @@
 | CheckpointHook | | | every `checkpoint_every` steps, stage ends, the last step | |
 | ReportHook | | | log line + Ray Train report | last log line + final report |
 | PlotHook | | | | selection plots (lego) |
+| ExportHook | | | | each task's route as a plain backbone (`train.export_routes`) |
 
 Hooks run in that order. A hook that issues collectives (evaluation, the state gather of a
 checkpoint) runs on every rank at the same steps; only rank 0 writes files. Hooks put what they
@@ -165,6 +166,26 @@ class PlotHook(Hook):
                 self.logger.add_image(f"selection/{path.stem}", path, t.step)
 
 
+class ExportHook(Hook):
+    """Rank 0 writes each task's arg-max route as a plain timm state_dict (`route_<task>.pt`) into
+    the run directory at the end (`train.export_routes`; dynamic finetuning turns it on)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def after_train(self, t: Trainer) -> None:
+        if t.rank != 0:
+            return
+        import torch
+
+        trunk = t.model.backbone
+        for task, r in trunk.routes().items():
+            path = self.run_dir / f"route_{task}.pt"
+            torch.save(trunk.export(task), path)
+            loads = f"timm.create_model({trunk.timm_name!r}, num_classes=0) loads it"
+            say(f"[gppf] route {r['route']} of {task} -> {path} ({loads})")
+
+
 def default_hooks(t: Trainer, sink: Sink, run_dir: Path, extra: list[Hook] | None = None) -> list[Hook]:
     """The standard hooks in their order. `extra` hooks run after the checkpoint and before the
     report of each step, so what they put into `trainer.report.metrics` is reported that step."""
@@ -176,4 +197,5 @@ def default_hooks(t: Trainer, sink: Sink, run_dir: Path, extra: list[Hook] | Non
         *(extra or []),
         ReportHook(sink, logger),
         PlotHook(run_dir, logger),
+        *([ExportHook(run_dir)] if t.cfg.train.export_routes else []),
     ]

@@ -34,6 +34,7 @@ class TrainConfig:
     eval_at_start: bool = True
     eval_every: int = 0  # evaluate every this many steps as well (0: at the start and the end only)
     eval_max_batches: int = 0  # per task and worker; 0 = the whole validation split
+    export_routes: bool = False  # lego: write each task's arg-max route (route_<task>.pt) at the end
     bucket_mb: float = 25.0
     torch_threads: int = 0  # 0 = cores / workers on this node
     collective_timeout_s: int = 1800  # a hung collective becomes an error after this long
@@ -78,6 +79,22 @@ class ScalingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Sparse finetuning of a lego checkpoint (gppf.finetune, GPPF §3.3)."""
+
+    mode: str = ""  # "" (off), "dynamic" or "fixed"
+    checkpoint: str = ""  # a gppf checkpoint of a lego backbone
+    route: str = ""  # fixed: a task of the checkpoint whose route to reuse, or a route file (.pt)
+    tau_decay_fraction: float = 0.5  # dynamic: τ decays over this fraction of the steps, then stays
+
+    def __post_init__(self):
+        if self.mode not in ("", "dynamic", "fixed"):
+            raise ConfigError(
+                f"config.finetune.mode must be 'dynamic' or 'fixed' (or empty), got {self.mode!r}"
+            )
+
+
+@dataclass
 class ModelConfig:
     # Weights only, from a gppf checkpoint (backbone and the heads of tasks with the same name);
     # training starts at step 0 with a fresh optimizer. `--resume` continues a run instead.
@@ -98,6 +115,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: StreamConfig = field(default_factory=StreamConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # Phases of the run (gppf.stages); with stages, train.steps is their sum. Empty: one phase.
     stages: list[StageConfig] = field(default_factory=list)
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray.train
 
-from gppf import data_check
+from gppf import data_check, finetune
 from gppf.config import to_dict
 from gppf.job_config import JobConfig
 from gppf.trainer import build_tasks
@@ -118,7 +118,6 @@ def fit(
     if in_place:  # Ray Train restores a run directory's newest checkpoint by itself
         run = Path(resume_from).expanduser().absolute()
         cfg.run_dir, cfg.run_name, resume_from = str(run.parent), run.name, None
-    cfg = resolve(cfg)
     if not cfg.run_name:
         # Unique per call: two runs (or Tune trials) started in the same second must not share one.
         cfg.run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
@@ -132,6 +131,7 @@ def fit(
     if resume_from:
         resume_from = str(Path(resume_from).expanduser().absolute())
     out.mkdir(parents=True, exist_ok=True)
+    cfg = resolve(finetune.prepare(cfg, out))
     final_report = out / "final_report.json"
     final_report.unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))

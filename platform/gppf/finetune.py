@@ -1,0 +1,68 @@
+"""Sparse finetuning of a lego checkpoint on a new task (GPPF §3.3).
+
+- `dynamic`: the job's tasks get new controllers that explore the checkpoint's units with
+  Gumbel-softmax while backbone and controllers train together; τ decays over the first half of
+  the steps, then stays (App. D.2). At the end each task's arg-max route is written to the run
+  directory as a plain backbone (`route_<task>.pt`, loads into timm with strict=True).
+- `fixed`: reuse a route: a task of the checkpoint (a detection task reusing COCO's) or a route
+  file (the one a dynamic finetuning wrote: "retrain"). The route is extracted as a plain
+  backbone first and trained as a static backbone.
+
+    --set finetune.mode=dynamic --set finetune.checkpoint=RUN/checkpoint_...
+    --set finetune.mode=fixed   --set finetune.checkpoint=RUN/checkpoint_... --set finetune.route=coco
+    --set finetune.mode=fixed   --set finetune.route=RUN2/route_voc.pt          (retrain)
+
+The backbone architecture (timm name, units, shared layers, model_kwargs) comes from the
+checkpoint's run, so a finetuning job only names its tasks.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from gppf.config import ConfigError
+from gppf.job_config import JobConfig
+
+
+def prepare(cfg: JobConfig, run_dir: Path) -> JobConfig:
+    """The plain job a finetune section stands for (on the driver; a fixed route of a checkpoint
+    is exported into `run_dir` here)."""
+    f = cfg.finetune
+    if not f.mode:
+        return cfg
+    from gppf.export import checkpoint_config, export, load_trunk
+
+    cfg = copy.deepcopy(cfg)
+    if f.mode == "dynamic" or not Path(f.route).suffix:  # a task's route needs the checkpoint
+        if not f.checkpoint:
+            raise ConfigError(f"config.finetune.checkpoint: finetune.mode={f.mode} needs a gppf checkpoint")
+        source = checkpoint_config(f.checkpoint).backbone
+        if source.kind != "lego":
+            raise ConfigError(
+                f"config.finetune.checkpoint: {f.checkpoint} has a {source.kind} backbone; sparse "
+                "finetuning starts from a lego one (a static backbone is plain: use backbone.init_from)"
+            )
+        cfg.backbone = copy.deepcopy(source)
+    if f.mode == "dynamic":
+        cfg.backbone.init_from = f.checkpoint
+        cfg.backbone.lego.tau_decay_fraction = f.tau_decay_fraction
+        cfg.train.export_routes = True
+        return cfg
+    if not f.route:
+        raise ConfigError(
+            "config.finetune.route: fixed-path finetuning needs a task of the checkpoint or a route file"
+        )
+    if Path(f.route).suffix:  # a route file, e.g. from a dynamic finetuning ("retrain")
+        route_file = Path(f.route).expanduser().absolute()
+    else:
+        trunk, _ = load_trunk(f.checkpoint)
+        if f.route not in trunk.routes():
+            raise ConfigError(
+                f"config.finetune.route: the checkpoint has no task {f.route!r}; its tasks: "
+                f"{', '.join(sorted(trunk.routes()))}"
+            )
+        route_file = export(trunk, run_dir / f"route_{f.route}.pt", f.route)
+    cfg.backbone.kind = "static"
+    cfg.backbone.init_from = str(route_file)
+    return cfg

@@ -1,0 +1,79 @@
+"""Sparse finetuning (GPPF §3.3) of the staged test run's lego checkpoint on a new task: dynamic
+(new controller, routes exported as plain backbones), fixed-path on a named task's route, and
+"retrain" on the route a dynamic finetuning found."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from gppf.backbone import BackboneConfig
+from gppf.config import ConfigError
+from gppf.data.stream import StreamConfig
+from gppf.export import load_trunk
+from gppf.finetune import prepare
+from gppf.job_config import FinetuneConfig, JobConfig, OptimConfig, ScalingConfig, TrainConfig
+from gppf.runner import fit
+from tests.tasks_for_tests import task_entries
+
+
+def _job(root: Path, run_dir: Path, finetune: FinetuneConfig) -> JobConfig:
+    return JobConfig(
+        name="ft",
+        run_dir=str(run_dir),
+        tasks={"new_seg": task_entries(root)["seg_simple"]},
+        backbone=BackboneConfig(name="resnet10t"),
+        finetune=finetune,
+        optim=OptimConfig(lr=0.02, warmup_steps=1),
+        train=TrainConfig(steps=4, log_every=2, checkpoint_every=0, eval_max_batches=1),
+        data=StreamConfig(min_rows_per_pass=16, chunk_rows=16, prefetch_batches=1),
+        scaling=ScalingConfig(num_workers=2, cpus_per_worker=0.5),
+    )
+
+
+def _config(run: dict) -> dict:
+    return json.loads((Path(run["run_dir"]) / "config.json").read_text())
+
+
+def test_dynamic_fixed_and_retrain(staged_run, demo_root, tmp_path):
+    result, _, _ = staged_run
+    ckpt = result["checkpoint"]
+
+    dynamic = fit(_job(demo_root, tmp_path, FinetuneConfig(mode="dynamic", checkpoint=ckpt)))
+    cfg = _config(dynamic)["backbone"]
+    assert cfg["kind"] == "lego" and cfg["init_from"] == ckpt and cfg["lego"]["tau_decay_fraction"] == 0.5
+    assert dynamic["tau"] == pytest.approx(0.01)  # τ reached its end half way and stayed
+    route_file = Path(dynamic["run_dir"]) / "route_new_seg.pt"
+    plain = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    plain.load_state_dict(torch.load(route_file, weights_only=True), strict=True)
+    assert dynamic["final_eval"]["new_seg"]["mIoU"] >= 0.0
+
+    fixed = fit(_job(demo_root, tmp_path, FinetuneConfig(mode="fixed", checkpoint=ckpt, route="det")))
+    extracted = Path(fixed["run_dir"]) / "route_det.pt"
+    backbone = _config(fixed)["backbone"]
+    assert backbone["kind"] == "static" and backbone["init_from"] == str(extracted)
+    trunk, _ = load_trunk(ckpt)
+    expected = trunk.export("det")
+    got = torch.load(extracted, weights_only=True)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+    retrain = fit(_job(demo_root, tmp_path, FinetuneConfig(mode="fixed", route=str(route_file))))
+    assert _config(retrain)["backbone"]["init_from"] == str(route_file)
+    assert retrain["step"] == 4 and "new_seg" in retrain["final_eval"]
+
+
+def test_bad_finetune_settings_are_named(staged_run, demo_root, tmp_path):
+    result, _, _ = staged_run
+    ckpt = result["checkpoint"]
+    with pytest.raises(ConfigError, match=r"the checkpoint has no task 'coco'; its tasks: cls, det, seg"):
+        prepare(
+            _job(demo_root, tmp_path, FinetuneConfig(mode="fixed", checkpoint=ckpt, route="coco")), tmp_path
+        )
+    with pytest.raises(ConfigError, match=r"finetune.mode=dynamic needs a gppf checkpoint"):
+        prepare(_job(demo_root, tmp_path, FinetuneConfig(mode="dynamic")), tmp_path)
+    with pytest.raises(ConfigError, match=r"config.finetune.mode must be 'dynamic' or 'fixed'"):
+        FinetuneConfig(mode="sparse")
