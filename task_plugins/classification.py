@@ -237,6 +237,12 @@ class ClassificationTask(Task):
                 images[i] = erase(torch.from_numpy(images[i])).numpy()
         return {"image": images, "label": np.asarray(labels, dtype=np.int64)}
 
+    def class_names(self) -> list[str]:
+        train = self._split_dir("train")
+        if not self.cfg.class_names and self._format() == "imagefolder" and train.is_dir():
+            return [c.replace("_", " ") for c in _class_names(train)]
+        return super().class_names()
+
     def build_head(self, features: list[FeatureInfo]) -> nn.Module:
         return ClassificationHead(features[-1].channels, self.cfg.num_classes)
 

@@ -135,6 +135,11 @@ class DetectionTask(Task):
     def num_classes(self) -> int:
         return len(self.index("train").categories)
 
+    def class_names(self) -> list[str]:
+        if self.cfg.class_names:
+            return list(self.cfg.class_names)
+        return [str(c.get("name", c["id"])) for c in self.index("train").categories]
+
     # -- data -----------------------------------------------------------------------------
     def check_data(self) -> None:
         if self.cfg.input_size % 32:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
@@ -77,10 +78,15 @@ class RCNNHead(nn.Module):
 
     def __init__(self, features: list[FeatureInfo], num_classes: int, masks: bool, cfg: RCNNConfig):
         super().__init__()
-        c = cfg.fpn_channels
-        self.fpn = FeaturePyramidNetwork(
-            [f.channels for f in features], c, extra_blocks=LastLevelMaxPool(), norm_layer=group_norm
-        )
+        # On a shared neck's pyramid (gppf.neck) the head adds only the extra max-pooled level.
+        self.fpn: nn.Module | None = None
+        if all(f.pyramid for f in features):
+            c = features[0].channels
+        else:
+            c = cfg.fpn_channels
+            self.fpn = FeaturePyramidNetwork(
+                [f.channels for f in features], c, extra_blocks=LastLevelMaxPool(), norm_layer=group_norm
+            )
         levels = len(features) + 1
         anchors = AnchorGenerator(
             tuple((cfg.anchor_size * 2**i,) for i in range(levels)), ((0.5, 1.0, 2.0),) * levels
@@ -141,7 +147,11 @@ class RCNNHead(nn.Module):
         self, feats: list[torch.Tensor], batch: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
         """Training: the RPN and RoI losses. Evaluation: per-image detections (0-based labels)."""
-        pyramid = self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+        if self.fpn is not None:
+            pyramid = self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+        else:  # LastLevelMaxPool's extra level, on the neck's levels
+            pyramid = OrderedDict((str(i), f) for i, f in enumerate(feats))
+            pyramid["pool"] = F.max_pool2d(feats[-1], 1, 2, 0)
         sizes = [(int(h), int(w)) for h, w in batch["size"].tolist()]
         images = ImageList(batch["image"], sizes)
         targets = self.targets(batch) if self.training else None

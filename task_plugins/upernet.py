@@ -42,7 +42,11 @@ class UperNetHead(nn.Module):
         self.ppm = nn.ModuleList(conv_gn_relu(last, channels, 1) for _ in pool_scales)
         self.ppm_bottleneck = conv_gn_relu(last + len(pool_scales) * channels, channels, 3)
         self.lateral = nn.ModuleList(conv_gn_relu(f.channels, channels, 1) for f in features[:-1])
-        self.fpn = nn.ModuleList(conv_gn_relu(channels, channels, 3) for _ in features[:-1])
+        # On a shared neck's pyramid (gppf.neck) the neck's FPN replaces UperNet's top-down path:
+        # the laterals only set the width, the pyramid pooling and the fusion remain.
+        self.own_fpn = not all(f.pyramid for f in features)
+        if self.own_fpn:
+            self.fpn = nn.ModuleList(conv_gn_relu(channels, channels, 3) for _ in features[:-1])
         self.fuse = conv_gn_relu(len(features) * channels, channels, 3)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
@@ -55,9 +59,12 @@ class UperNetHead(nn.Module):
         ]
         levels = [lat(f) for lat, f in zip(self.lateral, feats[:-1])]
         levels.append(self.ppm_bottleneck(torch.cat([top, *pooled], 1)))
-        for i in range(len(levels) - 1, 0, -1):  # top-down pathway
-            levels[i - 1] = levels[i - 1] + _up(levels[i], levels[i - 1].shape[-2:])
-        outs = [conv(x) for conv, x in zip(self.fpn, levels[:-1])] + [levels[-1]]
+        if self.own_fpn:
+            for i in range(len(levels) - 1, 0, -1):  # top-down pathway
+                levels[i - 1] = levels[i - 1] + _up(levels[i], levels[i - 1].shape[-2:])
+            outs = [conv(x) for conv, x in zip(self.fpn, levels[:-1])] + [levels[-1]]
+        else:
+            outs = levels
         size = outs[0].shape[-2:]
         fused = self.fuse(torch.cat([outs[0]] + [_up(o, size) for o in outs[1:]], 1))
         return self.classifier(self.dropout(fused))

@@ -8,6 +8,7 @@ from typing import Any
 from gppf.backbone import BackboneConfig
 from gppf.config import ConfigError, from_dict
 from gppf.data.stream import StreamConfig
+from gppf.language import LanguageConfig
 from gppf.stages import StageConfig
 
 
@@ -99,6 +100,27 @@ class ModelConfig:
     # Weights only, from a gppf checkpoint (backbone and the heads of tasks with the same name);
     # training starts at step 0 with a fresh optimizer. `--resume` continues a run instead.
     init_from: str = ""
+    # A neck shared by every task (gppf.neck): "" = none, each detection / segmentation head
+    # builds its own FPN (GPPF); "fpn" = one FPN (P2-P5) that all heads read (LV-Adapter).
+    neck: str = ""
+    neck_channels: int = 256
+    adapter: str = "fpn"  # the neck's design: fpn, pre, post, pre_scalar, pre_vector (gppf.neck)
+    adapter_init: float = 1e-3  # pre_scalar / pre_vector: the residual gate's initial value
+    language: LanguageConfig = field(default_factory=LanguageConfig)  # P5 language adapter
+
+    def __post_init__(self):
+        from gppf.neck import ADAPTERS
+
+        if self.neck not in ("", "fpn"):
+            raise ConfigError(f"config.model.neck must be 'fpn' or empty, got {self.neck!r}")
+        if self.adapter not in ADAPTERS:
+            raise ConfigError(
+                f"config.model.adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}"
+            )
+        if not self.neck and (self.adapter != "fpn" or self.language.variant):
+            raise ConfigError(
+                "config.model.adapter / model.language.variant act on the shared neck: set model.neck=fpn"
+            )
 
 
 @dataclass

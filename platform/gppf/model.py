@@ -1,4 +1,4 @@
-"""Backbone + one head per task."""
+"""Trunk + optional shared neck + one head per task."""
 
 from __future__ import annotations
 
@@ -11,10 +11,15 @@ from gppf.task import Task
 
 
 class MultiTaskModel(nn.Module):
-    def __init__(self, backbone: nn.Module, tasks: list[Task]):
+    """`neck` (gppf.neck.SharedNeck, optional) sits between the trunk and every head; heads are
+    built on the neck's pyramid when there is one, on the trunk's levels otherwise."""
+
+    def __init__(self, backbone: nn.Module, tasks: list[Task], neck: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
-        self.heads = nn.ModuleDict({t.name: t.build_head(backbone.feature_info) for t in tasks})
+        self.neck = neck
+        features = neck.feature_info if neck is not None else backbone.feature_info
+        self.heads = nn.ModuleDict({t.name: t.build_head(features) for t in tasks})
 
     def forward(
         self, x: torch.Tensor, task: str, batch: dict[str, torch.Tensor] | None = None
@@ -29,6 +34,8 @@ class MultiTaskModel(nn.Module):
         """
         feats = self.backbone(x, task)
         tie = sum(f.sum() for f in feats) * 0.0
+        if self.neck is not None:
+            feats = self.neck(feats, task)
         head = self.heads[task]
         if getattr(head, "takes_batch", False):
             return head(feats, batch), tie

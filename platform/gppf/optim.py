@@ -30,9 +30,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     raise ValueError(f"optim.name must be 'sgd' or 'adamw', got {cfg.name!r}")
 
 
-def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier at `step`: linear from 0 over `warmup` steps, then cosine to `min_ratio`."""
+def warmup_cosine(
+    step: int, total: int, warmup: int, min_ratio: float = 0.0, warmup_factor: float = 0.0
+) -> float:
+    """LR multiplier at `step`: linear over `warmup` steps (from `warmup_factor`, mmcv's warmup
+    ratio; 0: from 1/warmup), then cosine to `min_ratio`."""
     if warmup > 0 and step < warmup:
+        if warmup_factor > 0:
+            return warmup_factor + (1 - warmup_factor) * step / warmup
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -37,6 +37,7 @@ class StageConfig:
     lr_factor: float = 1.0  # multiplies the learning rate of every parameter group
     schedule: str = "global"  # "global": the job's warmup-cosine; "stage": one of its own over this stage
     warmup_steps: int = 0  # schedule="stage": linear warmup at the start of the stage
+    warmup_factor: float = 0.0  # ... starting at lr x this (LV-Adapter: 0.01); 0 = from lr / warmup_steps
     tau_decay: bool = True  # lego τ keeps decaying in this stage; False holds it
 
     def __post_init__(self):
@@ -45,6 +46,10 @@ class StageConfig:
         if self.schedule not in SCHEDULES:
             raise ConfigError(
                 f"stage {self.name!r}: schedule must be one of {SCHEDULES}, got {self.schedule!r}"
+            )
+        if not 0 <= self.warmup_factor <= 1:
+            raise ConfigError(
+                f"stage {self.name!r}: warmup_factor must be in [0, 1], got {self.warmup_factor}"
             )
         if self.lr_factor < 0:
             raise ConfigError(f"stage {self.name!r}: lr_factor must be >= 0, got {self.lr_factor}")
@@ -119,7 +124,9 @@ class StagePlan:
         s = self.stages[i]
         if s.schedule == "stage":
             warm = min(s.warmup_steps, max(0, s.steps - 1))
-            return s.lr_factor * warmup_cosine(step - self.starts[i], s.steps, warm, self.min_lr_ratio)
+            return s.lr_factor * warmup_cosine(
+                step - self.starts[i], s.steps, warm, self.min_lr_ratio, s.warmup_factor
+            )
         return s.lr_factor * warmup_cosine(step, self.total, self.warmup, self.min_lr_ratio)
 
     def describe(self, i: int) -> str:

@@ -8,7 +8,7 @@ to this interface, so classification, segmentation and detection plug in the sam
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -25,6 +25,9 @@ class TaskConfig:
     sampling_weight: float = 1.0  # relative probability that a worker picks this task at a step
     loss_weight: float = 1.0  # w_t in GPPF's objective
     input_size: int = 224
+    # Class names, for language-guided adapters (gppf.language); empty: the plugin's own (COCO
+    # categories, ImageFolder folders) or "class <i>".
+    class_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -33,6 +36,7 @@ class FeatureInfo:
 
     channels: int
     reduction: int
+    pyramid: bool = False  # a shared neck's FPN level: heads use it as is instead of their own FPN
 
 
 @dataclass
@@ -119,3 +123,10 @@ class Task:
 
     def input_key(self) -> str:
         return "image"
+
+    def class_names(self) -> list[str]:
+        """Names of the task's classes (prompts of language-guided adapters); [] = no classes."""
+        if self.cfg.class_names:
+            return list(self.cfg.class_names)
+        n = int(getattr(self.cfg, "num_classes", 0) or getattr(self, "num_classes", 0) or 0)
+        return [f"class {i}" for i in range(n)]

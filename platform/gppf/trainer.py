@@ -26,6 +26,7 @@ from gppf.checkpoint import LoadReport, load_weights, read_weights
 from gppf.data.stream import TaskStream, eval_batches
 from gppf.job_config import JobConfig
 from gppf.model import MultiTaskModel
+from gppf.neck import build_neck
 from gppf.optim import build_optimizer
 from gppf.payload import StepPayload
 from gppf.registry import build_task
@@ -100,7 +101,8 @@ class Trainer:
         self.total_steps = self.plan.total
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         trunk = build_trunk(cfg.backbone, [t.name for t in self.tasks])
-        self.model = MultiTaskModel(trunk, self.tasks).to(device)
+        neck = build_neck(cfg.model, trunk.feature_info, self.tasks)
+        self.model = MultiTaskModel(trunk, self.tasks, neck).to(device)
         self.init_reports: list[LoadReport] = self._initialise() if initialise and self.rank == 0 else []
         self._broadcast_state()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
