@@ -206,3 +206,47 @@ def test_fixed_prompts_match_the_encoder_on_the_template():
     feats = ens.prompts["a"](ens.encoder)
     assert feats.shape == (2, 384) and torch.allclose(feats.norm(dim=-1), torch.ones(2))
     assert not torch.allclose(feats, direct)
+
+
+def test_heads_with_their_own_fpn_read_the_neck_pyramid_instead():
+    from gppf.task import FeatureInfo
+    from task_plugins.rcnn import RCNNConfig, RCNNHead
+    from task_plugins.upernet import UperNetHead
+
+    pyramid = [FeatureInfo(32, s, pyramid=True) for s in (4, 8, 16, 32)]
+    head = RCNNHead(pyramid, num_classes=3, masks=False, cfg=RCNNConfig(conv_channels=16, fc_channels=32))
+    assert head.fpn is None
+    assert UperNetHead(pyramid, 3, 16).own_fpn is False
+    assert RCNNHead([FeatureInfo(64, s) for s in (4, 8, 16, 32)], 3, False, RCNNConfig()).fpn is not None
+    feats = [torch.randn(2, 32, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
+    batch = {
+        "image": torch.randn(2, 3, 64, 64),
+        "boxes": torch.tensor([[[4.0, 4.0, 30.0, 40.0]], [[10.0, 12.0, 60.0, 50.0]]]),
+        "labels": torch.tensor([[1], [2]]),
+        "size": torch.tensor([[64, 64], [64, 64]]),
+    }
+    losses = head.train()(feats, batch)
+    total = sum(losses.values())
+    total.backward()
+    assert torch.isfinite(total) and head.rpn.head.conv[0][0].weight.grad is not None
+
+
+def test_open_clip_text_tower_from_a_local_file_matches_open_clip(tmp_path, no_network):
+    open_clip = pytest.importorskip("open_clip")  # a dev dependency: installed in CI
+    from gppf.text_encoders import build_text_encoder
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("RN50").eval()  # random weights, written where a user's would be
+    weights = tmp_path / "rn50_clip.pt"
+    torch.save(model.state_dict(), weights)
+    enc = build_text_encoder(f"open_clip:RN50:{weights}")
+    ids, mask = enc.tokenize(["there is a car in the scene.", "x x x bus."])
+    with torch.no_grad():
+        assert torch.allclose(
+            enc.encode(enc.embed(ids), ids, mask), model.encode_text(ids, normalize=True), atol=1e-5
+        )
+    assert all(not p.requires_grad for p in enc.parameters())
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        build_text_encoder(f"open_clip:RN50:{tmp_path / 'missing.pt'}")
+    with pytest.raises(ValueError, match="open_clip:<arch>:<local weights file>"):
+        build_text_encoder("open_clip:RN50")
