@@ -197,6 +197,7 @@ def demo_config(demo_root: str) -> JobConfig:
                 "type": "segmentation",
                 "data_root": str(root / "segmentation"),
                 "num_classes": 4,
+                "class_names": ["background", "disc", "square", "triangle"],
                 "sampling_weight": 1.0,
                 "batch_size": 8,
                 "input_size": 64,

@@ -53,6 +53,8 @@ SEM_SEG_CLASSES = (
     "bicycle",
 )
 DRIVABLE_CLASSES = ("direct", "alternative", "background")
+# What the language-guided adapters prompt with (gppf.language): words, not label codes.
+DRIVABLE_NAMES = ("directly drivable area", "alternatively drivable area", "background")
 
 __all__ = ["CATEGORIES", "DRIVABLE_CLASSES", "SEM_SEG_CLASSES", "bdd100k_tasks"]
 
@@ -91,6 +93,7 @@ def bdd100k_tasks(
             "type": "segmentation",
             "data_root": data_root,
             "num_classes": len(SEM_SEG_CLASSES),
+            "class_names": list(SEM_SEG_CLASSES),
             "ignore_index": 255,
             "sampling_weight": w_seg,
             "batch_size": seg_batch_size,
@@ -104,6 +107,7 @@ def bdd100k_tasks(
             "type": "segmentation",
             "data_root": data_root,
             "num_classes": len(DRIVABLE_CLASSES),
+            "class_names": list(DRIVABLE_NAMES),
             "sampling_weight": w_drivable,
             "batch_size": drivable_batch_size,
             "input_size": drivable_input_size,

@@ -166,14 +166,20 @@ def test_three_tasks_check_and_preprocess(bdd_root):
         bdd100k_tasks(bdd_root, overrides={"bdd_lanes": {}})
 
 
-def test_simt_steps_with_the_three_tasks(bdd_root, ray_session, tmp_path):
-    from gppf.backbone import BackboneConfig
-    from gppf.data.stream import StreamConfig
-    from gppf.job_config import JobConfig, OptimConfig, ScalingConfig, TrainConfig
+def test_adapt_finetune_job_on_the_three_tasks(bdd_root, ray_session, tmp_path):
+    """jobs/adapt_finetune.py's full config on the fake release layout: adapt then finetune
+    stages, the shared neck with a pre_vector adapter and the LV-Adapter, 2 workers."""
+    import importlib.util
+
+    from gppf.config import apply_overrides
     from gppf.runner import fit
 
+    spec = importlib.util.spec_from_file_location(
+        "adapt_finetune_job", Path(__file__).resolve().parents[1] / "jobs" / "adapt_finetune.py"
+    )
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
     head = {
-        "fpn_channels": 16,
         "conv_channels": 16,
         "fc_channels": 32,
         "anchor_size": 8,
@@ -181,27 +187,33 @@ def test_simt_steps_with_the_three_tasks(bdd_root, ray_session, tmp_path):
         "rpn_post_nms_train": 64,
         "rpn_post_nms_test": 32,
     }
-    seg = {"head_channels": 16, "aux_channels": 8}
-    tasks = bdd100k_tasks(
-        bdd_root,
-        det_batch_size=2,
-        seg_batch_size=2,
-        drivable_batch_size=2,
-        det_input_size=64,
-        seg_input_size=64,
-        drivable_input_size=64,
-        overrides={"bdd_det": {"head": head}, "bdd_seg": seg, "bdd_drivable": seg},
-    )
-    cfg = JobConfig(
-        name="bdd100k",
-        run_dir=str(tmp_path),
-        tasks=tasks,
-        backbone=BackboneConfig(name="resnet10t"),
-        optim=OptimConfig(lr=0.02, warmup_steps=2),
-        train=TrainConfig(steps=4, log_every=2, checkpoint_every=0, eval_at_start=False, eval_max_batches=1),
-        data=StreamConfig(min_rows_per_pass=8, chunk_rows=8),
-        scaling=ScalingConfig(num_workers=2, cpus_per_worker=0.5),
-    )
+    sets = [
+        "tasks.*.batch_size=2",
+        "tasks.*.input_size=64",
+        "tasks.bdd_seg.head_channels=16",
+        "tasks.bdd_seg.aux_channels=8",
+        "tasks.bdd_drivable.head_channels=16",
+        "tasks.bdd_drivable.aux_channels=8",
+        *(f"tasks.bdd_det.head.{k}={v}" for k, v in head.items()),
+        "backbone.name=resnet10t",
+        "model.neck_channels=16",
+        "model.adapter=pre_vector",
+        "model.language.variant=lv_adapter",
+        "scaling.num_workers=2",
+        "scaling.use_gpu=false",
+        "scaling.cpus_per_worker=0.5",
+        "train.log_every=2",
+        "train.checkpoint_every=0",
+        "train.eval_at_start=false",
+        "train.eval_every=0",
+        "train.eval_max_batches=1",
+        "data.min_rows_per_pass=8",
+        "data.chunk_rows=8",
+        f"run_dir={tmp_path}",
+    ]
+    cfg = apply_overrides(job.full_config(str(bdd_root)), sets)
+    assert [s.name for s in cfg.stages] == ["adapt", "finetune"]
+    cfg.stages = job.stages(2, 2, 1)
     out = fit(cfg)
     assert out["step"] == 4
     final = out["final_eval"]
