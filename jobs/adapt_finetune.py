@@ -46,13 +46,15 @@ EPOCH = 4375
 
 def stages(adapt_steps: int, finetune_steps: int, warmup_steps: int) -> list[StageConfig]:
     """LV-Adapter §5.1: adapt at 10x the finetune lr (2.5e-4 vs 2.5e-5), then finetune all."""
-    adapt = StageConfig(
-        "adapt", adapt_steps, freeze=["backbone.*", "heads.*"], lr_factor=10.0, schedule="stage"
-    )
     finetune = StageConfig(
         "finetune", finetune_steps, schedule="stage", warmup_steps=warmup_steps, warmup_factor=0.01
     )
-    return [adapt, finetune] if adapt_steps else [finetune]
+    if not adapt_steps:
+        return [finetune]
+    adapt = StageConfig(
+        "adapt", adapt_steps, freeze=["backbone.*", "heads.*"], lr_factor=10.0, schedule="stage"
+    )
+    return [adapt, finetune]
 
 
 def full_config(data_root: str) -> JobConfig:
@@ -80,21 +82,20 @@ def pretrain_config(demo_root: str) -> JobConfig:
     return cfg
 
 
-DEMO_STEPS = 240
-DEMO_ADAPT = 40
+ADAPT_FRACTION = 1 / 6  # LV-Adapter Table 2: 6 adapt + 30 finetune epochs
 
 
-def demo_config(demo_root: str, adapt_steps: int = DEMO_ADAPT) -> JobConfig:
-    """Transfer to the demo segmentation and detection tasks; backbone.init_from is set by run()."""
+def demo_config(demo_root: str) -> JobConfig:
+    """Transfer to the demo segmentation and detection tasks; run() sets backbone.init_from and
+    splits train.steps into the stages."""
     r50 = r50_demo(demo_root)
     return JobConfig(
-        name="adapt_finetune_demo" if adapt_steps else "finetune_demo_baseline",
+        name="adapt_finetune_demo",
         tasks={k: r50.tasks[k] for k in ("demo_seg", "demo_det")},
         backbone=BackboneConfig(name="resnet18"),
         model=ModelConfig(neck="fpn", neck_channels=64, adapter="fpn"),
         optim=OptimConfig(name="adamw", lr=5e-4, weight_decay=1e-4, warmup_steps=0),
-        train=TrainConfig(log_every=40, checkpoint_every=0, eval_max_batches=0),
-        stages=stages(adapt_steps, DEMO_STEPS - adapt_steps, 20),
+        train=TrainConfig(steps=240, log_every=40, checkpoint_every=0),
         scaling=ScalingConfig(num_workers=2, use_gpu=False, cpus_per_worker=0.5),
     )
 
@@ -102,26 +103,34 @@ def demo_config(demo_root: str, adapt_steps: int = DEMO_ADAPT) -> JobConfig:
 def run(argv: list[str] | None = None) -> dict:
     args = cli.parser(__doc__).parse_args(argv)
     cfg = cli.load_config(args, full_config, demo_config)
-    if args.data_root or cfg.backbone.init_from or args.print_config:
+    if args.data_root or args.print_config:
         return cli.main(__doc__, full_config, demo_config, argv)
-    transfer_sets = args.overrides
-    # The pretraining keeps run_dir-like settings only: the transfer's model and stages are not its.
-    args.overrides = [s for s in transfer_sets if not s.startswith(("model.", "stages", "tasks.demo_"))]
-    pretrained = cli.run(cli.load_config(args, full_config, pretrain_config))
-    args.overrides = transfer_sets
+    init = cfg.backbone.init_from  # the demo with a backbone of your own: no pretraining
+    if not init:
+        transfer_sets = args.overrides
+        # The pretraining takes the run-wide settings only, not the transfer's model or tasks.
+        args.overrides = [s for s in transfer_sets if not s.startswith(("model.", "tasks.", "backbone."))]
+        init = cli.run(cli.load_config(args, full_config, pretrain_config))["checkpoint"]
+        args.overrides = transfer_sets
     results = {}
-    for name, adapt in (("pretrain-finetune", 0), ("pretrain-adapt-finetune", DEMO_ADAPT)):
-        cfg = cli.load_config(args, full_config, lambda root, a=adapt: demo_config(root, a))
-        cfg.backbone.init_from = pretrained["checkpoint"]
+    for name, adapt in (("pretrain-finetune", 0.0), ("pretrain-adapt-finetune", ADAPT_FRACTION)):
+        cfg = cli.load_config(args, full_config, demo_config)
+        total = cfg.train.steps
+        adapt_steps = max(1, round(total * adapt)) if adapt and total > 1 else 0
+        cfg.stages = stages(adapt_steps, total - adapt_steps, max(1, total // 12))
+        cfg.name = "adapt_finetune_demo" if adapt_steps else "finetune_demo_baseline"
+        cfg.backbone.init_from = init
         results[name] = cli.run(cfg)
-    print(f"\n[gppf] transfer from a classification-only backbone, {DEMO_STEPS} steps each:")
+    print(f"\n[gppf] transfer from {init}, {total} steps each:")
     for name, m in results.items():
         shown = []
         for task in ("demo_seg", "demo_det"):
-            final = m["final_eval"][task]
-            shown += [f"{task} {k} {final[k]:.2f}" for k in final if k in ("mIoU", "AP50", "AP")]
+            start, final = m["initial_eval"][task], m["final_eval"][task]
+            shown += [
+                f"{task} {k} {start[k]:.2f} -> {final[k]:.2f}" for k in final if k in ("mIoU", "box_AP50")
+            ]
         print(f"  {name:24s} {', '.join(shown)}")
-    return results
+    return results["pretrain-adapt-finetune"]
 
 
 if __name__ == "__main__":

@@ -31,7 +31,13 @@ def job_demo_root(tmp_path_factory) -> Path:
 
 
 def test_every_job_file_is_listed():
-    assert {p.stem for p in JOBS} >= {"gppf_r50", "gppf_swint", "demo_detection", "finetune"}
+    assert {p.stem for p in JOBS} >= {
+        "gppf_r50",
+        "gppf_swint",
+        "demo_detection",
+        "finetune",
+        "adapt_finetune",
+    }
 
 
 @pytest.mark.parametrize("job", JOBS, ids=[p.stem for p in JOBS])

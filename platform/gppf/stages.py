@@ -154,15 +154,21 @@ def frozen_parameters(model: nn.Module, patterns: list[str], where: str) -> set[
     return out
 
 
+# Layers whose training-mode forward changes state or adds noise: a frozen part keeps them in eval.
+STATEFUL_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
 def frozen_modules(model: nn.Module, frozen: set[str]) -> list[nn.Module]:
-    """The largest sub-modules all of whose parameters are frozen: they run in eval mode, so their
-    BatchNorm statistics stay as they are and their dropout is off."""
+    """The BatchNorm and dropout layers inside sub-modules all of whose parameters are frozen:
+    they run in eval mode, so BN statistics stay as they are (cross-task BN then issues no
+    collective) and dropout is off. The frozen modules themselves stay in training mode, because
+    heads such as R-CNN compute their losses only in training mode."""
     out, taken = [], []
     for name, module in model.named_modules():
         if any(name.startswith(t + ".") for t in taken):
             continue
         params = [f"{name}.{n}" if name else n for n, _ in module.named_parameters()]
         if params and all(p in frozen for p in params):
-            out.append(module)
+            out.extend(m for m in module.modules() if isinstance(m, STATEFUL_LAYERS))
             taken.append(name)
     return out

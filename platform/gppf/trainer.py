@@ -157,7 +157,8 @@ class Trainer:
 
     def enter_stage(self, index: int) -> None:
         """Make stage `index` current: its frozen parameters lose requires_grad and optimizer state,
-        their modules go to eval mode, and the masked allreduce covers only what trains."""
+        the BN and dropout layers of all-frozen modules go to eval mode (gppf.stages.frozen_modules),
+        and the masked allreduce covers only what trains."""
         stage = self.plan.stages[index]
         frozen = frozen_parameters(self.model, stage.freeze, f"stages[{index}] ({stage.name})")
         can_train = {id(p) for p in self.trainable}
@@ -175,8 +176,8 @@ class Trainer:
         self.set_train_mode()
 
     def set_train_mode(self) -> None:
-        """Training mode, except the frozen modules of the current stage (eval: BN statistics and
-        dropout stay put). Called on stage entry and after evaluation, never per step."""
+        """Training mode, except the frozen BN / dropout layers of the current stage (eval: BN
+        statistics and dropout stay put). Called on stage entry and after evaluation, never per step."""
         self.model.train()
         for m in self.frozen:
             m.eval()
