@@ -50,6 +50,13 @@ def task_entries(root: Path) -> dict[str, dict[str, Any]]:
             "head": "simple",
             "head_channels": 16,
         },
+        "depth": {  # KITTI-style sparse depth, SILog loss
+            "type": "depth",
+            "data_root": str(root / "depth"),
+            "batch_size": 4,
+            "input_size": 32,
+            "head_channels": 16,
+        },
         "det": {  # Mask R-CNN
             "type": "detection",
             "data_root": str(root / "detection"),

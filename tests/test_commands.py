@@ -60,5 +60,5 @@ def test_demo_data_writes_every_dataset(tmp_path):
     _run("gppf.demo_data", str(tmp_path), "--train", "8", "--val", "4")
     meta = json.loads((tmp_path / "demo.json").read_text())
     assert meta["n_train"] == 8 and meta["n_val"] == 4
-    for sub in ("classification", "classification_parquet", "segmentation", "detection"):
+    for sub in ("classification", "classification_parquet", "segmentation", "detection", "depth"):
         assert any((tmp_path / sub).iterdir()), sub

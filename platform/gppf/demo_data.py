@@ -5,6 +5,8 @@
 - `segmentation/` : {train,val}/images/*.jpg + {train,val}/labels/*.png, ignore index 255
 - `detection/` : COCO layout (train2017/, val2017/, annotations/instances_{train,val}2017.json) with
   boxes and polygon masks of discs, squares and triangles (category ids 1, 2, 4: not contiguous)
+- `depth/` : KITTI-style {train,val}/images/*.jpg + {train,val}/depth/*.png (uint16, metres x 256,
+  0 = no measurement): a ground plane and boxes standing on it, ~60 % of pixels dropped like LiDAR
 
 Each class is a coloured shape on a noisy background, so a small network measurably improves on
 it within a few hundred steps, but not trivially at step 0.
@@ -25,7 +27,7 @@ SEG_CLASSES = ("background", "disc", "square", "triangle")
 # Each class has its own colour (jittered) as well as its shape: a network trained from scratch
 # picks up colour within a few hundred steps and shape later, so progress is measurable early.
 PALETTE = ((220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 210, 30))
-VERSION = 3
+VERSION = 4
 DET_CATEGORIES = ((1, "disc"), (2, "square"), (4, "triangle"))
 
 
@@ -202,6 +204,52 @@ def write_segmentation(root: Path, n_train: int, n_val: int, seed: int) -> None:
             label.save(root / split / "labels" / f"{i:05d}.png")
 
 
+def depth_pair(rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+    """A road scene seen by a pinhole camera: sky (no depth), a ground plane whose depth grows
+    towards the horizon as 1 / (row - horizon), and 1-3 boxes standing on it, each at one depth, as
+    tall as that depth makes them. Colours fade into haze with distance (aerial perspective), so
+    depth is learnable from local colour as well as from geometry. Returns (image, depth in metres
+    as float32 with 0 where there is no measurement)."""
+    h, w = int(rng.integers(48, 65)), int(rng.integers(96, 129))
+    horizon = float(rng.uniform(0.3, 0.45)) * h
+    cam = 2.0 * (h - 1 - horizon)  # focal length x camera height: 2 m at the bottom row
+    rows = np.arange(h, dtype=np.float32)[:, None]
+    depth = np.where(rows > horizon + 0.5, cam / np.maximum(rows - horizon, 1e-3), 0.0)
+    depth = np.clip(depth, 0.0, 79.0) * np.ones((1, w), dtype=np.float32)
+    ground = np.array([90, 110, 70], np.float32) + rng.integers(-20, 21, size=3)
+    colour = np.broadcast_to(ground, (h, w, 3)).copy()
+    for _ in range(int(rng.integers(1, 4))):  # far to near, so nearer boxes cover farther ones
+        z = float(rng.uniform(4.0, 40.0))
+        bottom = horizon + cam / z
+        height = cam / z * float(rng.uniform(0.8, 1.6))  # 1.3-2.6 m tall for a 1.6 m camera
+        width = height * float(rng.uniform(0.6, 1.8))
+        x0 = float(rng.uniform(-width / 2, w - width / 2))
+        y0, y1 = int(max(0, bottom - height)), int(min(h, bottom))
+        c0, c1 = int(max(0, x0)), int(min(w, x0 + width))
+        if y1 <= y0 or c1 <= c0:
+            continue
+        depth[y0:y1, c0:c1] = z
+        colour[y0:y1, c0:c1] = PALETTE[int(rng.integers(0, len(PALETTE)))]
+    haze = np.exp(-depth / 25.0)[..., None]
+    sky = np.array([150, 180, 230], np.float32)
+    img = np.where(depth[..., None] > 0, colour * haze + sky * (1 - haze), sky)
+    img = np.clip(img + rng.normal(0, 8, size=img.shape), 0, 255).astype(np.uint8)
+    depth[rng.random((h, w)) < 0.6] = 0.0  # sparse, like projected LiDAR
+    return Image.fromarray(img), depth
+
+
+def write_depth(root: Path, n_train: int, n_val: int, seed: int) -> None:
+    rng = np.random.default_rng([seed, 5])
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / split / "images").mkdir(parents=True, exist_ok=True)
+        (root / split / "depth").mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img, depth = depth_pair(rng)
+            img.save(root / split / "images" / f"{i:05d}.jpg", quality=95)
+            png = Image.fromarray(np.round(depth * 256.0).astype(np.uint16))  # KITTI: metres x 256
+            png.save(root / split / "depth" / f"{i:05d}.png")
+
+
 def generate(root: str | Path, n_train: int = 400, n_val: int = 100, seed: int = 0) -> Path:
     """Write all demo datasets under `root` (skipped when an identical set is already there)."""
     root = Path(root)
@@ -214,6 +262,7 @@ def generate(root: str | Path, n_train: int = 400, n_val: int = 100, seed: int =
     write_classification_parquet(root / "classification_parquet", n_train, n_val, seed)
     write_segmentation(root / "segmentation", n_train, n_val, seed)
     write_detection(root / "detection", n_train, n_val, seed)
+    write_depth(root / "depth", n_train, n_val, seed)
     stamp.write_text(json.dumps(meta))
     return root
 

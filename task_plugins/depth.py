@@ -1,0 +1,327 @@
+"""Monocular depth estimation, KITTI / BTS style (GPPF Table 4's depth transfer): image + sparse
+depth PNG pairs, a multi-scale GroupNorm decoder, the scale-invariant log loss, Eigen's metrics.
+
+Layout (relative to data_root, configurable): train/images/<stem>.{jpg,png} with
+train/depth/<stem>.png, and the same under val/. `train_list` / `val_list` name a text file of
+stems instead of listing the image directory (the first token of each line; BTS's KITTI lists hold
+"image depth focal" lines, whose image stem is taken). Depth PNGs are KITTI's format: uint16,
+value = metres x `depth_scale` (256), 0 = no measurement (projected LiDAR is sparse).
+
+Sparse depth is never interpolated: every resize of a depth map is NEAREST, so a pixel is either a
+real measurement or 0, and predictions are resized to the ground truth, never the other way round.
+
+Metrics (`DepthEvaluator`): d1, d2, d3 (fraction of pixels with max(gt/pred, pred/gt) < 1.25^k),
+abs_rel, sq_rel, rmse, rmse_log, log10, silog, per image over pixels with gt in
+(min_depth_eval, max_depth_eval) and predictions clipped into that range (BTS's eval), averaged over
+images. The primary metric is rmse, in metres: LOWER is better, unlike the other bundled tasks'
+(the platform only reports metrics, it does not rank them). Evaluation runs at `input_size`, on
+depth maps resized with NEAREST; BTS's Garg/Eigen crops are not applied.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn import functional as F
+
+from gppf.data.images import BadSampleError, open_image, sample_rng, to_chw
+from gppf.data.stream import items_dataset
+from gppf.registry import register_task
+from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
+from task_plugins.segmentation import IMAGE_EXTS
+
+DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit greyscale PNG
+METRICS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
+EPS = 1e-3  # predictions are clamped here before the log (metres)
+
+
+@dataclass
+class DepthConfig(TaskConfig):
+    train_images: str = "train/images"
+    train_depth: str = "train/depth"
+    val_images: str = "val/images"
+    val_depth: str = "val/depth"
+    train_list: str = ""  # optional: a file of image stems, one per line (relative to data_root)
+    val_list: str = ""
+    max_depth: float = 80.0  # the head predicts sigmoid x max_depth (KITTI: 80 m)
+    min_depth_eval: float = 1e-3
+    max_depth_eval: float = 80.0
+    silog_lambda: float = 0.85  # BTS's variance focus: 1 = fully scale-invariant
+    head_channels: int = 64
+    depth_scale: float = 256.0  # PNG value = metres x depth_scale (KITTI)
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # train crop area, as a fraction of the image
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with the most groups <= min(32, channels / 4) that divide `channels`."""
+    groups = max(1, min(32, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, channels)
+
+
+def conv_gn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), group_norm(cout), nn.ReLU(inplace=True)
+    )
+
+
+class DepthHead(nn.Module):
+    """FPN-like decoder over any list of backbone outputs: a lateral 1x1 conv per level, top-down
+    upsample-and-sum with a conv-GN-ReLU after each merge, conv-GN-ReLU and a 1-channel conv at the
+    finest level, sigmoid x max_depth, bilinear upsampling to the input resolution. Output
+    [B, 1, H, W] in metres, in (0, max_depth)."""
+
+    def __init__(self, features: list[FeatureInfo], max_depth: float, channels: int = 64):
+        super().__init__()
+        if not features:
+            raise ValueError("the depth head needs at least one backbone output")
+        # Coarse to fine, whatever order the backbone declares its outputs in.
+        self.order = sorted(range(len(features)), key=lambda i: -features[i].reduction)
+        self.lateral = nn.ModuleList(nn.Conv2d(f.channels, channels, 1) for f in features)
+        self.merge = nn.ModuleList(conv_gn_relu(channels, channels) for _ in features[1:])
+        self.out = nn.Sequential(conv_gn_relu(channels, channels), nn.Conv2d(channels, 1, 3, padding=1))
+        self.stride = min(f.reduction for f in features)
+        self.max_depth = max_depth
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        first, *rest = self.order
+        x = self.lateral[first](feats[first])
+        for merge, i in zip(self.merge, rest):
+            lat = self.lateral[i](feats[i])
+            x = merge(lat + F.interpolate(x, size=lat.shape[-2:], mode="bilinear", align_corners=False))
+        depth = torch.sigmoid(self.out(x)) * self.max_depth
+        if self.stride == 1:
+            return depth
+        return F.interpolate(depth, scale_factor=self.stride, mode="bilinear", align_corners=False)
+
+
+def match_depth(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Predictions [B, H, W] at the ground truth's size (the prediction is resized, never the sparse
+    ground truth), in float32 (bf16 under autocast would cost the log its precision)."""
+    if pred.dim() == 4:
+        if pred.shape[-2:] != gt.shape[-2:]:
+            pred = F.interpolate(pred.float(), size=gt.shape[-2:], mode="bilinear", align_corners=False)
+        pred = pred[:, 0]
+    return pred.float()
+
+
+def silog_loss(pred: torch.Tensor, gt: torch.Tensor, lam: float) -> torch.Tensor:
+    """BTS's scale-invariant log loss, 10 * sqrt(mean(d^2) - lam * mean(d)^2) with
+    d = log(pred) - log(gt) over the pixels with gt > 0 of the whole batch.
+
+    Written as var(d) + (1 - lam) * mean(d)^2 (never negative, unlike the difference in float);
+    the root's argument is clamped at 1e-12 so pred == gt has a finite gradient (loss 1e-5, not 0).
+    No valid pixel: exactly 0, still a function of `pred` so backward runs."""
+    pred = match_depth(pred, gt)
+    valid = gt > 0
+    n = valid.sum()
+    d = torch.where(valid, torch.log(pred.clamp(min=EPS)) - torch.log(gt.float().clamp(min=EPS)), 0.0)
+    mean = d.sum() / n.clamp(min=1)
+    var = torch.where(valid, (d - mean) ** 2, 0.0).sum() / n.clamp(min=1)
+    loss = 10.0 * torch.sqrt((var + (1.0 - lam) * mean**2).clamp(min=1e-12))
+    return loss * (n > 0)
+
+
+def image_metrics(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """The METRICS of one image's valid pixels (1-D tensors, float64), BTS's compute_errors."""
+    ratio = torch.maximum(gt / pred, pred / gt)
+    diff = gt - pred
+    err = torch.log(pred) - torch.log(gt)
+    return torch.stack(
+        [
+            (ratio < 1.25).double().mean(),
+            (ratio < 1.25**2).double().mean(),
+            (ratio < 1.25**3).double().mean(),
+            (diff.abs() / gt).mean(),
+            (diff**2 / gt).mean(),
+            (diff**2).mean().sqrt(),
+            (err**2).mean().sqrt(),
+            (torch.log10(gt) - torch.log10(pred)).abs().mean(),
+            ((err**2).mean() - err.mean() ** 2).clamp(min=0).sqrt() * 100,
+        ]
+    )
+
+
+class DepthEvaluator(Evaluator):
+    """Eigen's depth metrics per image, averaged over images. `state()` = the per-metric sums and
+    the image count, so workers' states add up. rmse is in metres: lower is better."""
+
+    primary = "rmse"
+
+    def __init__(self, min_depth: float, max_depth: float):
+        self.min_depth, self.max_depth = min_depth, max_depth
+        self.sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64)
+
+    def update(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        gt = batch["depth"].detach().cpu().double()
+        pred = match_depth(outputs.detach(), batch["depth"]).cpu().double()
+        pred = torch.nan_to_num(pred, nan=self.min_depth, posinf=self.max_depth)
+        pred = pred.clamp(self.min_depth, self.max_depth)
+        for p, g in zip(pred, gt):
+            valid = (g > self.min_depth) & (g < self.max_depth)
+            if valid.any():  # an image without measurements in range does not count
+                self.sums[:-1] += image_metrics(p[valid], g[valid])
+                self.sums[-1] += 1
+
+    def state(self) -> torch.Tensor:
+        return self.sums.clone()
+
+    def load_state(self, state: torch.Tensor) -> None:
+        self.sums = state.to(torch.float64).clone()
+
+    def compute(self) -> dict[str, float]:
+        n = self.sums[-1].item()
+        if n == 0:
+            return {k: math.nan for k in METRICS}
+        return {k: (v / n).item() for k, v in zip(METRICS, self.sums[:-1])}
+
+
+def crop_box(
+    rng: np.random.Generator, w: int, h: int, scale: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """A random crop of `scale` of the image's area with about the image's own aspect ratio (x 3/4 to
+    4/3): every crop is resized to the same square input, as the whole image is at evaluation, so
+    a wide KITTI frame is squeezed the same way in both."""
+    area = rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    cw = min(w, max(1, round(w * math.sqrt(area * aspect))))
+    ch = min(h, max(1, round(h * math.sqrt(area / aspect))))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return x, y, x + cw, y + ch
+
+
+@register_task("depth")
+class DepthTask(Task):
+    config_cls = DepthConfig
+    cfg: DepthConfig
+
+    def _dirs(self, split: str) -> tuple[Path, Path]:
+        root = Path(self.cfg.data_root)
+        if split == "train":
+            return root / self.cfg.train_images, root / self.cfg.train_depth
+        return root / self.cfg.val_images, root / self.cfg.val_depth
+
+    def _pairs(self, split: str) -> list[dict]:
+        img_dir, depth_dir = self._dirs(split)
+        if not img_dir.is_dir():
+            return []
+        listing = self.cfg.train_list if split == "train" else self.cfg.val_list
+        if listing:
+            images = [self._find_image(img_dir, stem, listing) for stem in self._read_list(listing)]
+        else:
+            images = [f for f in sorted(img_dir.iterdir()) if f.suffix in IMAGE_EXTS]
+        return [{"image": str(f), "depth": str(depth_dir / f"{f.stem}.png")} for f in images]
+
+    def _read_list(self, listing: str) -> list[str]:
+        path = Path(self.cfg.data_root) / listing
+        if not path.is_file():
+            raise FileNotFoundError(f"task {self.name!r}: image list {path} does not exist")
+        return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+
+    def _find_image(self, img_dir: Path, stem: str, listing: str) -> Path:
+        for ext in IMAGE_EXTS:
+            if (img_dir / f"{stem}{ext}").is_file():
+                return img_dir / f"{stem}{ext}"
+        raise FileNotFoundError(
+            f"task {self.name!r}: {listing} names {stem!r}, but {img_dir} has no such image"
+        )
+
+    def _check_depth_png(self, png: Image.Image, path: str, size: tuple[int, int], image_path: str) -> None:
+        if png.format != "PNG" or png.mode not in DEPTH_MODES:
+            raise BadSampleError(
+                f"task {self.name!r}: depth map {path} must be a 16-bit single-channel PNG "
+                f"(metres x {self.cfg.depth_scale:g}), got a {png.format} image of mode {png.mode}"
+            )
+        if png.size != size:
+            raise BadSampleError(
+                f"task {self.name!r}: depth map {path} is {png.size[0]}x{png.size[1]} but its image "
+                f"{image_path} is {size[0]}x{size[1]}"
+            )
+
+    def check_data(self) -> None:
+        c = self.cfg
+        if not 0 < c.min_depth_eval < c.max_depth_eval:
+            raise ValueError(
+                f"tasks.{self.name}: need 0 < min_depth_eval < max_depth_eval, "
+                f"got {c.min_depth_eval} and {c.max_depth_eval}"
+            )
+        if c.max_depth <= 0 or c.depth_scale <= 0 or not 0 <= c.silog_lambda <= 1:
+            raise ValueError(
+                f"tasks.{self.name}: need max_depth > 0, depth_scale > 0 and 0 <= silog_lambda <= 1, got "
+                f"{c.max_depth}, {c.depth_scale} and {c.silog_lambda}"
+            )
+        if not 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1:
+            raise ValueError(f"tasks.{self.name}.crop_scale must be (lo, hi) in (0, 1], got {c.crop_scale}")
+        for split in ("train", "val"):
+            img_dir, depth_dir = self._dirs(split)
+            where = f"task {self.name!r}: {split}"
+            if not img_dir.is_dir():
+                raise FileNotFoundError(f"{where} image directory {img_dir} does not exist")
+            if not depth_dir.is_dir():
+                raise FileNotFoundError(f"{where} depth directory {depth_dir} does not exist")
+            pairs = self._pairs(split)
+            if not pairs:
+                raise FileNotFoundError(f"{where} image directory {img_dir} holds no images")
+            missing = [p for p in pairs if not Path(p["depth"]).is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"task {self.name!r}: {len(missing)} {split} images have no depth PNG, e.g. "
+                    f"{missing[0]['image']} (expected {missing[0]['depth']})"
+                )
+            for p in pairs:  # headers only: format, mode and size, nothing decoded
+                try:
+                    with Image.open(p["image"]) as img, Image.open(p["depth"]) as png:
+                        self._check_depth_png(png, p["depth"], img.size, p["image"])
+                except BadSampleError:
+                    raise
+                except Exception as e:  # PIL raises many types for bad files
+                    raise BadSampleError(
+                        f"task {self.name!r}: cannot read {p['image']} or {p['depth']}: "
+                        f"{type(e).__name__}: {e}"
+                    ) from None
+
+    def source(self, split: str) -> DataSource:
+        return DataSource(units=self._pairs(split), read=items_dataset)
+
+    def _load_depth(self, path: str, size: tuple[int, int], image_path: str) -> np.ndarray:
+        png = open_image(path, self.name, f"depth map {path}", mode="")
+        self._check_depth_png(png, path, size, image_path)
+        return np.asarray(png).astype(np.float32) / np.float32(self.cfg.depth_scale)
+
+    def preprocess(self, batch: dict[str, np.ndarray], train: bool, seed: int) -> dict[str, np.ndarray]:
+        size = self.cfg.input_size
+        n = len(batch["image"])
+        images = np.empty((n, 3, size, size), dtype=np.float32)
+        depths = np.empty((n, size, size), dtype=np.float32)
+        for i in range(n):
+            ipath, dpath = str(batch["image"][i]), str(batch["depth"][i])
+            img = open_image(ipath, self.name, f"image {ipath}")
+            depth = Image.fromarray(self._load_depth(dpath, img.size, ipath))  # mode "F", metres
+            box = None
+            if train:
+                rng = sample_rng(seed, ipath)
+                box = crop_box(rng, *img.size, tuple(self.cfg.crop_scale))
+            img = img.resize((size, size), Image.BILINEAR, box=box)
+            depth = depth.resize((size, size), Image.NEAREST, box=box)  # 0 stays 0: no interpolation
+            if train and rng.random() < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+                depth = depth.transpose(Image.FLIP_LEFT_RIGHT)
+            images[i] = to_chw(img)
+            depths[i] = np.asarray(depth, dtype=np.float32)
+        return {"image": images, "depth": depths}
+
+    def build_head(self, features: list[FeatureInfo]) -> nn.Module:
+        return DepthHead(features, self.cfg.max_depth, self.cfg.head_channels)
+
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return silog_loss(outputs, batch["depth"], self.cfg.silog_lambda)
+
+    def evaluator(self) -> Evaluator:
+        return DepthEvaluator(self.cfg.min_depth_eval, self.cfg.max_depth_eval)
