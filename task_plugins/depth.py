@@ -35,6 +35,7 @@ from gppf.data.stream import items_dataset
 from gppf.registry import register_task
 from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
 from task_plugins.segmentation import IMAGE_EXTS
+from task_plugins.upernet import conv_gn_relu
 
 DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit greyscale PNG
 METRICS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
@@ -58,20 +59,6 @@ class DepthConfig(TaskConfig):
     crop_scale: tuple[float, float] = (0.5, 1.0)  # train crop area, as a fraction of the image
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with the most groups <= min(32, channels / 4) that divide `channels`."""
-    groups = max(1, min(32, channels // 4))
-    while channels % groups:
-        groups -= 1
-    return nn.GroupNorm(groups, channels)
-
-
-def conv_gn_relu(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), group_norm(cout), nn.ReLU(inplace=True)
-    )
-
-
 class DepthHead(nn.Module):
     """FPN-like decoder over any list of backbone outputs: a lateral 1x1 conv per level, top-down
     upsample-and-sum with a conv-GN-ReLU after each merge, conv-GN-ReLU and a 1-channel conv at the
@@ -85,8 +72,8 @@ class DepthHead(nn.Module):
         # Coarse to fine, whatever order the backbone declares its outputs in.
         self.order = sorted(range(len(features)), key=lambda i: -features[i].reduction)
         self.lateral = nn.ModuleList(nn.Conv2d(f.channels, channels, 1) for f in features)
-        self.merge = nn.ModuleList(conv_gn_relu(channels, channels) for _ in features[1:])
-        self.out = nn.Sequential(conv_gn_relu(channels, channels), nn.Conv2d(channels, 1, 3, padding=1))
+        self.merge = nn.ModuleList(conv_gn_relu(channels, channels, 3) for _ in features[1:])
+        self.out = nn.Sequential(conv_gn_relu(channels, channels, 3), nn.Conv2d(channels, 1, 3, padding=1))
         self.stride = min(f.reduction for f in features)
         self.max_depth = max_depth
 

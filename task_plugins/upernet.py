@@ -13,12 +13,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from gppf.task import FeatureInfo
+from task_plugins.rcnn import group_norm
 
 
 def conv_gn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
-        nn.GroupNorm(min(32, max(1, cout // 4)), cout),
+        group_norm(cout),
         nn.ReLU(inplace=True),
     )
 

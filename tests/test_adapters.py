@@ -250,3 +250,9 @@ def test_open_clip_text_tower_from_a_local_file_matches_open_clip(tmp_path, no_n
         build_text_encoder(f"open_clip:RN50:{tmp_path / 'missing.pt'}")
     with pytest.raises(ValueError, match="open_clip:<arch>:<local weights file>"):
         build_text_encoder("open_clip:RN50")
+
+
+def test_head_convs_take_any_width():
+    from task_plugins.upernet import conv_gn_relu
+
+    assert conv_gn_relu(8, 30, 3)(torch.randn(1, 8, 4, 4)).shape == (1, 30, 4, 4)  # 7 groups used to fail
