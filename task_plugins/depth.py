@@ -34,7 +34,7 @@ from gppf.data.images import BadSampleError, open_image, sample_rng, to_chw
 from gppf.data.stream import items_dataset
 from gppf.registry import register_task
 from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
-from task_plugins.segmentation import IMAGE_EXTS
+from task_plugins.segmentation import paired_files
 from task_plugins.upernet import conv_gn_relu
 
 DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit greyscale PNG
@@ -196,29 +196,8 @@ class DepthTask(Task):
         return root / self.cfg.val_images, root / self.cfg.val_depth
 
     def _pairs(self, split: str) -> list[dict]:
-        img_dir, depth_dir = self._dirs(split)
-        if not img_dir.is_dir():
-            return []
         listing = self.cfg.train_list if split == "train" else self.cfg.val_list
-        if listing:
-            images = [self._find_image(img_dir, stem, listing) for stem in self._read_list(listing)]
-        else:
-            images = [f for f in sorted(img_dir.iterdir()) if f.suffix in IMAGE_EXTS]
-        return [{"image": str(f), "depth": str(depth_dir / f"{f.stem}.png")} for f in images]
-
-    def _read_list(self, listing: str) -> list[str]:
-        path = Path(self.cfg.data_root) / listing
-        if not path.is_file():
-            raise FileNotFoundError(f"task {self.name!r}: image list {path} does not exist")
-        return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
-
-    def _find_image(self, img_dir: Path, stem: str, listing: str) -> Path:
-        for ext in IMAGE_EXTS:
-            if (img_dir / f"{stem}{ext}").is_file():
-                return img_dir / f"{stem}{ext}"
-        raise FileNotFoundError(
-            f"task {self.name!r}: {listing} names {stem!r}, but {img_dir} has no such image"
-        )
+        return paired_files(self.name, self.cfg.data_root, *self._dirs(split), listing, "depth")
 
     def _check_depth_png(self, png: Image.Image, path: str, size: tuple[int, int], image_path: str) -> None:
         if png.format != "PNG" or png.mode not in DEPTH_MODES:

@@ -52,6 +52,32 @@ def match_size(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def paired_files(
+    task: str, data_root: str, img_dir: Path, other_dir: Path, listing: str, key: str
+) -> list[dict]:
+    """One split's items `{"image": <image>, key: other_dir/<stem>.png}`: every image of `img_dir`,
+    or the stems a list file names (`listing`, relative to `data_root`; VOC's lists hold one stem
+    per line, SBD-style lists "image label" path pairs). Segmentation labels and depth maps alike."""
+    if not img_dir.is_dir():
+        return []
+    if not listing:
+        images = [f for f in sorted(img_dir.iterdir()) if f.suffix in IMAGE_EXTS]
+    else:
+        path = Path(data_root) / listing
+        if not path.is_file():
+            raise FileNotFoundError(f"task {task!r}: image list {path} does not exist")
+        stems = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+        images = []
+        for stem in stems:
+            found = [img_dir / f"{stem}{ext}" for ext in IMAGE_EXTS if (img_dir / f"{stem}{ext}").is_file()]
+            if not found:
+                raise FileNotFoundError(
+                    f"task {task!r}: {listing} names {stem!r}, but {img_dir} has no such image"
+                )
+            images.append(found[0])
+    return [{"image": str(f), key: str(other_dir / f"{f.stem}.png")} for f in images]
+
+
 class MIoUEvaluator(Evaluator):
     """mIoU from a confusion matrix accumulated over all pixels not equal to ignore_index."""
 
@@ -124,38 +150,8 @@ class SegmentationTask(Task):
         return root / self.cfg.val_images, root / self.cfg.val_labels
 
     def _pairs(self, split: str) -> list[dict]:
-        img_dir, lbl_dir = self._dirs(split)
-        if not img_dir.is_dir():
-            return []
         listing = self.cfg.train_list if split == "train" else self.cfg.val_list
-        if listing:
-            return [
-                {
-                    "image": str(self._find_image(img_dir, stem, listing)),
-                    "label": str(lbl_dir / f"{stem}.png"),
-                }
-                for stem in self._read_list(listing)
-            ]
-        pairs = []
-        for f in sorted(img_dir.iterdir()):
-            if f.suffix in IMAGE_EXTS:
-                pairs.append({"image": str(f), "label": str(lbl_dir / f"{f.stem}.png")})
-        return pairs
-
-    def _read_list(self, listing: str) -> list[str]:
-        path = Path(self.cfg.data_root) / listing
-        if not path.is_file():
-            raise FileNotFoundError(f"task {self.name!r}: image list {path} does not exist")
-        # VOC's lists hold one stem per line; SBD-style lists hold "image label" path pairs.
-        return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
-
-    def _find_image(self, img_dir: Path, stem: str, listing: str) -> Path:
-        for ext in IMAGE_EXTS:
-            if (img_dir / f"{stem}{ext}").is_file():
-                return img_dir / f"{stem}{ext}"
-        raise FileNotFoundError(
-            f"task {self.name!r}: {listing} names {stem!r}, but {img_dir} has no such image"
-        )
+        return paired_files(self.name, self.cfg.data_root, *self._dirs(split), listing, "label")
 
     def check_data(self) -> None:
         if self.cfg.num_classes <= 0:
