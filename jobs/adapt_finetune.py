@@ -100,6 +100,10 @@ def demo_config(demo_root: str) -> JobConfig:
     )
 
 
+def _from(start: dict[str, float], key: str) -> str:
+    return f"{start[key]:.2f} -> " if key in start else ""  # no step-0 evaluation: the end only
+
+
 def run(argv: list[str] | None = None) -> dict:
     args = cli.parser(__doc__).parse_args(argv)
     cfg = cli.load_config(args, full_config, demo_config)
@@ -125,9 +129,9 @@ def run(argv: list[str] | None = None) -> dict:
     for name, m in results.items():
         shown = []
         for task in ("demo_seg", "demo_det"):
-            start, final = m["initial_eval"][task], m["final_eval"][task]
+            start, final = (m.get("initial_eval") or {}).get(task, {}), m["final_eval"][task]
             shown += [
-                f"{task} {k} {start[k]:.2f} -> {final[k]:.2f}" for k in final if k in ("mIoU", "box_AP50")
+                f"{task} {k} {_from(start, k)}{final[k]:.2f}" for k in final if k in ("mIoU", "box_AP50")
             ]
         print(f"  {name:24s} {', '.join(shown)}")
     return results["pretrain-adapt-finetune"]

@@ -99,8 +99,10 @@ def run(argv: list[str] | None = None) -> dict:
     print("\n[gppf] demo_det finetuned from the classification + segmentation pretraining:")
     for mode, m in results.items():
         task = m["final_eval"]["demo_det"]
-        start = m["initial_eval"]["demo_det"]
-        shown = ", ".join(f"{k} {start[k]:.2f} -> {v:.2f}" for k, v in task.items())
+        start = (m.get("initial_eval") or {}).get("demo_det", {})  # empty without a step-0 evaluation
+        shown = ", ".join(
+            f"{k} {f'{start[k]:.2f} -> ' if k in start else ''}{v:.2f}" for k, v in task.items()
+        )
         print(f"  {mode:8s} {shown}")
     return results["fixed"]
 

@@ -50,6 +50,11 @@ def test_job_embedded_default_runs_and_prints_its_table(job, job_demo_root, ray_
         "train.log_every=1",
         "train.checkpoint_every=0",
         "train.eval_max_batches=1",
+        "train.eval_at_start=false",  # the end's evaluation fills the table; step 0 costs ~10 s a run
+        # A 2-step run needs a few batches, not the default 256-row chunks per task and worker.
+        "data.chunk_rows=16",
+        "data.min_rows_per_pass=16",
+        "data.prefetch_batches=1",
         f"run_dir={tmp_path}",
     ]
     argv = [
