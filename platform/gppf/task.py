@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from gppf.config import ConfigError
+
 
 @dataclass
 class TaskConfig:
@@ -28,6 +30,10 @@ class TaskConfig:
     # Class names, for language-guided adapters (gppf.language); empty: the plugin's own (COCO
     # categories, ImageFolder folders) or "class <i>".
     class_names: list[str] = field(default_factory=list)
+    # Train on a fixed subset of the train split (gppf.data.subsets): this fraction of its units,
+    # the same on every rank and run for one label_seed; 1.0 = everything. Never the val split.
+    label_fraction: float = 1.0
+    label_seed: int = 0
 
 
 @dataclass
@@ -89,6 +95,9 @@ class Task:
     config_cls: ClassVar[type[TaskConfig]] = TaskConfig
 
     def __init__(self, name: str, cfg: TaskConfig):
+        # Checked here rather than in TaskConfig: the error must name the task.
+        if not 0 < cfg.label_fraction <= 1:
+            raise ConfigError(f"tasks.{name}.label_fraction must be in (0, 1], got {cfg.label_fraction}")
         self.name = name
         self.cfg = cfg
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gppf.data.subsets import train_source
 from gppf.task import Task
 
 
@@ -92,7 +93,7 @@ class TaskStream:
         self.rank = rank
         self.world = world
         self.cfg = cfg or StreamConfig()
-        src = task.source("train")
+        src = train_source(task)  # label_fraction < 1: a fixed subset of the units
         if not src.units:
             raise ValueError(f"task {task.name!r}: the train split has no data")
         self.units = src.units
