@@ -55,7 +55,7 @@ def test_train_checkpoint_restart_continue(demo_root, ray_session, tmp_path):
 
 
 def test_ablation_switches_run(demo_root, ray_session, tmp_path):
-    cfg = _config(demo_root, tmp_path, steps=6, per_batch_sampling=True)
+    cfg = _config(demo_root, tmp_path, steps=6, sampler="per_batch")
     cfg.train.log_every = 6
     cfg.backbone.cross_task_bn = False  # local-BN ablation in the same run
     out = fit(cfg)

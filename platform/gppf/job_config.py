@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +10,7 @@ from gppf.backbone import BackboneConfig
 from gppf.config import ConfigError, from_dict
 from gppf.data.stream import StreamConfig
 from gppf.language import LanguageConfig
+from gppf.sampler import SAMPLERS
 from gppf.stages import StageConfig
 
 
@@ -26,7 +28,10 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 500_000
     seed: int = 0
-    per_batch_sampling: bool = False  # ablation: all workers run the same task at a step
+    # How a worker picks its task at a step (gppf.sampler.TaskSampler): simt, per_batch, uniform,
+    # size or round_robin.
+    sampler: str = "simt"
+    per_batch_sampling: bool = False  # deprecated alias of sampler="per_batch"
     amp: bool = True  # autocast on GPU (ignored on CPU)
     amp_dtype: str = "bfloat16"  # or "float16" (then a GradScaler is used)
     log_every: int = 50
@@ -41,6 +46,22 @@ class TrainConfig:
     collective_timeout_s: int = 1800  # a hung collective becomes an error after this long
 
     def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(
+                f"config.train.sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}"
+            )
+        if self.per_batch_sampling:
+            if self.sampler not in ("simt", "per_batch"):
+                raise ConfigError(
+                    f"config.train.per_batch_sampling=true (deprecated: it means sampler='per_batch') "
+                    f"contradicts config.train.sampler={self.sampler!r}; set only config.train.sampler"
+                )
+            warnings.warn(
+                "config.train.per_batch_sampling is deprecated; use config.train.sampler='per_batch'",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            self.sampler, self.per_batch_sampling = "per_batch", False  # saved configs use the new key
         if self.log_every < 1:
             raise ConfigError(f"config.train.log_every must be >= 1, got {self.log_every}")
         if self.eval_every < 0:

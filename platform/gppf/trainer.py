@@ -24,13 +24,14 @@ import torch.distributed as dist
 from gppf.allreduce import MaskedAllReduce
 from gppf.checkpoint import LoadReport, load_weights, read_weights
 from gppf.data.stream import TaskStream, eval_batches
+from gppf.data.subsets import train_size
 from gppf.job_config import JobConfig
 from gppf.model import MultiTaskModel
 from gppf.neck import build_neck
 from gppf.optim import build_optimizer
 from gppf.payload import StepPayload
 from gppf.registry import build_task
-from gppf.sampler import sample_task
+from gppf.sampler import NEEDS_SIZES, TaskSampler
 from gppf.stages import StagePlan, frozen_modules, frozen_parameters
 from gppf.task import Task
 from gppf.trunk import StepState, build_trunk
@@ -99,6 +100,7 @@ class Trainer:
             cfg.optim.min_lr_ratio,
         )
         self.total_steps = self.plan.total
+        self.sampler = self._sampler()
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         trunk = build_trunk(cfg.backbone, [t.name for t in self.tasks])
         neck = build_neck(cfg.model, trunk.feature_info, self.tasks)
@@ -125,6 +127,13 @@ class Trainer:
         self.enter_stage(self.plan.index_at(0))
 
     # -- setup --------------------------------------------------------------------------------
+    def _sampler(self) -> TaskSampler:
+        name = self.cfg.train.sampler
+        # Listing a train split can be slow (a directory walk): only the samplers that need sizes do.
+        sizes = [train_size(t) for t in self.tasks] if name in NEEDS_SIZES else None
+        batch_sizes = [t.cfg.batch_size for t in self.tasks]
+        return TaskSampler(name, self.plan, self.cfg.train.seed, sizes, batch_sizes)
+
     def _initialise(self) -> list[LoadReport]:
         """Weights only, from `model.init_from` and/or `backbone.init_from` (rank 0; broadcast)."""
         reports = []
@@ -190,13 +199,7 @@ class Trainer:
         return self.streams[task.name]
 
     def task_at(self, step: int) -> int:
-        return sample_task(
-            self.plan.weights_at(step),
-            self.cfg.train.seed,
-            step,
-            self.rank,
-            self.cfg.train.per_batch_sampling,
-        )
+        return self.sampler.task_at(step, self.rank, self.world)
 
     def step_state(self) -> StepState:
         tau_step, tau_total = self.plan.tau_clock(self.step)
