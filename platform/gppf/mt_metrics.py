@@ -74,7 +74,7 @@ class MultiTaskMetricsConfig:
 
 
 def split_key(key: str, where: str) -> tuple[str, str]:
-    """ "task/metric" -> (task, metric); metric names may contain '/' themselves."""
+    """Splits "task/metric" into (task, metric); a metric name may itself contain a slash."""
     task, sep, metric = key.partition("/")
     if not (task and sep and metric):
         raise ConfigError(f"{where}: {key!r} is not of the form task/metric")
