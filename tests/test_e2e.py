@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from gppf.backbone import BackboneConfig
 from gppf.checkpoint import load_checkpoint
 from gppf.data.stream import StreamConfig
 from gppf.job_config import JobConfig, OptimConfig, ScalingConfig, TrainConfig
+from gppf.mt_metrics import MultiTaskMetricsConfig
 from gppf.runner import fit, results_table
 from gppf.sampler import sample_task
 from tests.tasks_for_tests import task_entries
@@ -36,17 +39,25 @@ def _config(root: Path, run_dir: Path, steps: int, **train) -> JobConfig:
 
 
 def test_train_checkpoint_restart_continue(demo_root, ray_session, tmp_path):
-    first = fit(_config(demo_root, tmp_path, steps=6))
+    cfg = _config(demo_root, tmp_path, steps=6)
+    cfg.metrics = MultiTaskMetricsConfig(
+        groups={"all": ["cls/top1", "seg/mIoU"]}, baselines={"cls/top1": 50.0}
+    )
+    first = fit(cfg)
     assert first["step"] == 6 and first["start_step"] == 0
     assert "data_wait_s/rank1" in first and 0.0 <= first["data_wait_fraction"] < 1.0
-    assert set(first["final_eval"]) == {"cls", "seg"} and set(first["initial_eval"]) == {"cls", "seg"}
+    tasks = {"cls", "seg", "multitask"}
+    assert set(first["final_eval"]) == tasks and set(first["initial_eval"]) == tasks
+    final = first["final_eval"]
+    assert final["multitask"]["VTDA"] == pytest.approx((final["cls"]["top1"] + final["seg"]["mIoU"]) / 2)
+    assert first["val/multitask/delta_m"] == pytest.approx(2 * (final["cls"]["top1"] - 50.0))  # Tune reads it
     ckpt = first["checkpoint"]
     state = load_checkpoint(ckpt)  # weights_only=True load
     assert state["step"] == 6 and len(state["streams"]) == 2
     run_dir = Path(first["run_dir"])
     assert json.loads((run_dir / "config.json").read_text())["tasks"]["cls"]["num_classes"] == 4
     assert any((run_dir / "tensorboard").iterdir())
-    assert "cls" in results_table(first) and "mIoU" in results_table(first)
+    assert "cls" in results_table(first) and "mIoU" in results_table(first) and "VTDA" in results_table(first)
 
     second = fit(_config(demo_root, tmp_path, steps=9), resume_from=ckpt)
     assert second["start_step"] == 6  # continued at the checkpointed step, not from 0

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gppf.metrics_log import MetricsLogger, MetricWindow, say
+from gppf.mt_metrics import with_multitask
 
 if TYPE_CHECKING:
     from gppf.trainer import StepOutput, Trainer
@@ -69,22 +70,27 @@ class StageHook(Hook):
 
 class EvalHook(Hook):
     """Validation metrics at step 0 (`train.eval_at_start`), every `train.eval_every` steps, and
-    at the end. All ranks evaluate their share of each split; results go to the report."""
+    at the end. All ranks evaluate their share of each split; results go to the report, with the
+    multi-task scores of `config.metrics` as the pseudo-task `multitask` (gppf.mt_metrics)."""
+
+    @staticmethod
+    def evaluate(t: Trainer) -> dict[str, dict[str, float]]:
+        return with_multitask(t.evaluate(t.cfg.train.eval_max_batches), t.cfg.metrics)
 
     def before_train(self, t: Trainer) -> None:
         if t.step == 0 and not t.initial_eval and t.cfg.train.eval_at_start:
-            t.initial_eval = t.evaluate(t.cfg.train.eval_max_batches)
+            t.initial_eval = self.evaluate(t)
             t.report.metrics["eval"] = t.initial_eval
             t.report.log = True
 
     def after_step(self, t: Trainer, out: StepOutput) -> None:
         every = t.cfg.train.eval_every
         if every and t.step % every == 0 and t.step < t.total_steps:  # the end: after_train
-            t.report.metrics["eval"] = t.evaluate(t.cfg.train.eval_max_batches)
+            t.report.metrics["eval"] = self.evaluate(t)
             t.report.log = True
 
     def after_train(self, t: Trainer) -> None:
-        final = t.evaluate(t.cfg.train.eval_max_batches)
+        final = self.evaluate(t)
         t.report.metrics.update(eval=final, final_eval=final, initial_eval=t.initial_eval)
 
 

@@ -10,6 +10,7 @@ from gppf.backbone import BackboneConfig
 from gppf.config import ConfigError, from_dict
 from gppf.data.stream import StreamConfig
 from gppf.language import LanguageConfig
+from gppf.mt_metrics import MultiTaskMetricsConfig
 from gppf.sampler import SAMPLERS
 from gppf.stages import StageConfig
 
@@ -161,6 +162,8 @@ class JobConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     # Phases of the run (gppf.stages); with stages, train.steps is their sum. Empty: one phase.
     stages: list[StageConfig] = field(default_factory=list)
+    # Multi-task scores of every evaluation (VTDA, Δm; gppf.mt_metrics). Empty: none.
+    metrics: MultiTaskMetricsConfig = field(default_factory=MultiTaskMetricsConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobConfig:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray.train
 
-from gppf import data_check, finetune
+from gppf import data_check, finetune, mt_metrics
 from gppf.config import to_dict
 from gppf.job_config import JobConfig
 from gppf.trainer import build_tasks
@@ -29,6 +29,7 @@ def resolve(cfg: JobConfig) -> JobConfig:
 
     if not cfg.tasks:
         raise ValueError("config.tasks is empty: a job needs at least one task")
+    mt_metrics.check_tasks(cfg.metrics, cfg.tasks)  # metric names are known only at evaluation
     tasks = build_tasks(cfg)
     plan = StagePlan(
         cfg.stages, {t.name: t.cfg.sampling_weight for t in tasks}, cfg.train.steps, cfg.optim.warmup_steps
