@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -219,3 +221,44 @@ def test_composite_errors_name_the_key(demo_root):
     tasks["rot"]["input_size"] = 48
     with pytest.raises(ConfigError, match="input_size must match"):
         Trainer(_config(tasks), torch.device("cpu"))
+
+
+def test_auxiliary_tasks_train_on_two_ranks_and_stay_out_of_the_export(demo_root, ray_session, tmp_path):
+    """MoCo and DenseCL as SIMT tasks, rotation attached to the segmentation target (composite),
+    on 2 gloo workers; the exported backbone is a plain timm state_dict without any of their parts."""
+    import json
+
+    import timm
+
+    from gppf.data.stream import StreamConfig
+    from gppf.export import main as export_main
+    from gppf.job_config import ScalingConfig
+    from gppf.runner import fit
+
+    tasks = aux_tasks(demo_root)
+    tasks["rot"]["composite_with"] = "seg"
+    for name in ("moco", "dense"):
+        tasks[name]["val_images"] = ["val/images"]
+    cfg = _config(tasks, log_every=2, eval_max_batches=1, eval_at_start=False, collective_timeout_s=120)
+    cfg.name, cfg.run_dir, cfg.train.steps = "aux", str(tmp_path), 8
+    cfg.data = StreamConfig(min_rows_per_pass=16, chunk_rows=16, prefetch_batches=1)
+    cfg.scaling = ScalingConfig(num_workers=2, cpus_per_worker=0.5)
+    result = fit(cfg)
+    run = Path(result["run_dir"])
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = {t: sum(x.get(f"worker_steps/{t}", 0) for x in lines) for t in tasks}
+    assert sum(steps[t] for t in ("seg", "moco", "dense")) == 2 * 8
+    assert min(steps.values()) > 0 and steps["rot"] == steps["seg"]  # rotation rides with seg
+    final = result["final_eval"]
+    assert set(final["rot"]) == {"top1"} and set(final["moco"]) == {"contrast_top1"}
+
+    out = tmp_path / "route.pt"
+    export_main([result["checkpoint"], "-o", str(out)])
+    exported = torch.load(out)
+    timm.create_model("resnet10t", num_classes=0).load_state_dict(exported, strict=True)
+    from gppf.checkpoint import load_checkpoint
+
+    state = load_checkpoint(result["checkpoint"])["model"]
+    assert any(k.startswith("heads.moco.key_trunk.") for k in state)  # saved for exact resume...
+    assert any(k.startswith("heads.dense.queue_dense") for k in state)
+    assert not any("key_" in k or "queue" in k or "proj" in k for k in exported)  # ...never exported
