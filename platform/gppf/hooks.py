@@ -61,9 +61,10 @@ class StageHook(Hook):
     @staticmethod
     def _announce(t: Trainer) -> None:
         weights = t.plan.weights[t.stage_index]
-        for task, w in zip(t.tasks, weights):
+        for i, w in enumerate(weights):
             if w > 0:
-                t.stream(task).start()
+                for j in [i, *t.attached.get(i, [])]:
+                    t.stream(t.tasks[j]).start()
         if t.rank == 0 and len(t.plan.stages) > 1:
             say(f"[gppf] {t.plan.describe(t.stage_index)}")
 

@@ -9,17 +9,34 @@ from torch import nn
 
 from gppf.task import Task
 
+Part = tuple[str, dict[str, torch.Tensor]]  # (task name, batch)
+
 
 class MultiTaskModel(nn.Module):
     """`neck` (gppf.neck.SharedNeck, optional) sits between the trunk and every head; heads are
-    built on the neck's pyramid when there is one, on the trunk's levels otherwise."""
+    built on the neck's pyramid when there is one, on the trunk's levels otherwise (and always on
+    the trunk's for tasks with `reads_trunk`, such as the self-supervised auxiliary tasks).
+
+    A head with `bind_trunk(trunk)` is handed the trunk once it is built (MoCo's momentum encoder
+    starts as a copy of it); a head with a `route_task` attribute is told, at every forward, whose
+    lego route the trunk ran."""
 
     def __init__(self, backbone: nn.Module, tasks: list[Task], neck: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.neck = neck
-        features = neck.feature_info if neck is not None else backbone.feature_info
-        self.heads = nn.ModuleDict({t.name: t.build_head(features) for t in tasks})
+        self.reads_trunk = {t.name for t in tasks if neck is None or getattr(t, "reads_trunk", False)}
+        self.heads = nn.ModuleDict(
+            {
+                t.name: t.build_head(
+                    backbone.feature_info if t.name in self.reads_trunk else neck.feature_info
+                )
+                for t in tasks
+            }
+        )
+        for head in self.heads.values():
+            if hasattr(head, "bind_trunk"):
+                head.bind_trunk(backbone)
 
     def forward(
         self, x: torch.Tensor, task: str, batch: dict[str, torch.Tensor] | None = None
@@ -34,9 +51,30 @@ class MultiTaskModel(nn.Module):
         """
         feats = self.backbone(x, task)
         tie = sum(f.sum() for f in feats) * 0.0
-        if self.neck is not None:
+        return self._head(task, feats, batch, task), tie
+
+    def forward_composite(self, parts: list[Part], input_key: list[str]) -> tuple[list[Any], torch.Tensor]:
+        """CompL's composite step: the inputs of several tasks (a target and its auxiliary tasks)
+        concatenated into ONE trunk forward along the first task's route, then each task's slice
+        of the features through its head. One trunk forward per rank and step keeps cross-task
+        BN's collectives in lockstep with the other ranks."""
+        route = parts[0][0]
+        xs = [batch[key] for (_, batch), key in zip(parts, input_key)]
+        feats = self.backbone(torch.cat(xs), route)
+        tie = sum(f.sum() for f in feats) * 0.0
+        outs, start = [], 0
+        for (task, batch), x in zip(parts, xs):
+            sliced = [f[start : start + x.shape[0]] for f in feats]
+            outs.append(self._head(task, sliced, batch, route))
+            start += x.shape[0]
+        return outs, tie
+
+    def _head(self, task: str, feats: list[torch.Tensor], batch: dict | None, route: str) -> Any:
+        if self.neck is not None and task not in self.reads_trunk:
             feats = self.neck(feats, task)
         head = self.heads[task]
+        if hasattr(head, "route_task"):
+            head.route_task = route
         if getattr(head, "takes_batch", False):
-            return head(feats, batch), tie
-        return head(feats), tie
+            return head(feats, batch)
+        return head(feats)

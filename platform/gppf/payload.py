@@ -57,12 +57,23 @@ class StepPayload:
             raise IndexError(f"payload slot {name!r} has {slot.size} entries, index {index}")
         self._staged.append((slot.offset + index, value))
 
+    def put(self, name: str, start: int, values: torch.Tensor) -> None:
+        """Put a vector at entries start..start+len of slot `name` (added to what is there)."""
+        slot = self.slots[name]
+        n = values.numel()
+        if not (0 <= start and start + n <= slot.size):
+            raise IndexError(f"payload slot {name!r} has {slot.size} entries, got {n} at {start}")
+        self._staged.append((slot.offset + start, values.detach().flatten()))
+
     def build(self, device: torch.device) -> torch.Tensor:
         """This step's vector (zeros where nothing was put); clears the staged values."""
         self._frozen = True
         vec = torch.zeros(self.size, device=device)
         for pos, value in self._staged:
-            vec[pos] += value.detach().float() if torch.is_tensor(value) else float(value)
+            if torch.is_tensor(value) and value.dim() == 1:
+                vec[pos : pos + value.numel()] += value.float().to(device)
+            else:
+                vec[pos] += value.detach().float() if torch.is_tensor(value) else float(value)
         self._staged.clear()
         return vec
 

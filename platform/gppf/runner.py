@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import ray.train
 
 from gppf import data_check, finetune, mt_metrics
+from gppf.composite import attached_tasks, sampling_weights
 from gppf.config import to_dict
 from gppf.job_config import JobConfig
 from gppf.trainer import build_tasks
@@ -31,8 +32,9 @@ def resolve(cfg: JobConfig) -> JobConfig:
         raise ValueError("config.tasks is empty: a job needs at least one task")
     mt_metrics.check_tasks(cfg.metrics, cfg.tasks)  # metric names are known only at evaluation
     tasks = build_tasks(cfg)
+    attached_tasks(tasks)  # composite-mode errors, too
     plan = StagePlan(
-        cfg.stages, {t.name: t.cfg.sampling_weight for t in tasks}, cfg.train.steps, cfg.optim.warmup_steps
+        cfg.stages, sampling_weights(tasks), cfg.train.steps, cfg.optim.warmup_steps
     )  # stage errors (unknown task, bad weights) surface here, before any worker starts
     cfg.train.steps = plan.total
     for key in ("model.init_from", "backbone.init_from"):

@@ -27,6 +27,9 @@ class TaskConfig:
     sampling_weight: float = 1.0  # relative probability that a worker picks this task at a step
     loss_weight: float = 1.0  # w_t in GPPF's objective
     input_size: int = 224
+    # CompL's composite mode (gppf.composite): run this task only together with the named task,
+    # in the same trunk forward, never sampled on its own; its loss_weight is λ.
+    composite_with: str = ""
     # Class names, for language-guided adapters (gppf.language); empty: the plugin's own (COCO
     # categories, ImageFolder folders) or "class <i>".
     class_names: list[str] = field(default_factory=list)

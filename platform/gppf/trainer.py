@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from gppf.allreduce import MaskedAllReduce
 from gppf.checkpoint import LoadReport, load_weights, read_weights
+from gppf.composite import attached_tasks, sampling_weights
 from gppf.data.stream import TaskStream, eval_batches
 from gppf.data.subsets import train_size
 from gppf.job_config import JobConfig
@@ -94,7 +95,7 @@ class Trainer:
         self.tasks = tasks if tasks is not None else build_tasks(cfg)
         self.plan = StagePlan(
             cfg.stages,
-            {t.name: t.cfg.sampling_weight for t in self.tasks},
+            sampling_weights(self.tasks),
             cfg.train.steps,
             cfg.optim.warmup_steps,
             cfg.optim.min_lr_ratio,
@@ -116,6 +117,9 @@ class Trainer:
             (lambda: torch.autocast("cuda", dtype=self.amp_dtype)) if amp_on else contextlib.nullcontext
         )
         self.scaler = torch.amp.GradScaler("cuda") if amp_on and self.amp_dtype == torch.float16 else None
+        # Heads with state every rank must update alike (MoCo: queue of keys, momentum encoder).
+        self.synced = {n: h for n, h in self.model.heads.items() if hasattr(h, "sync_slots")}
+        self.attached = attached_tasks(self.tasks)
         self.payload = self._payload()
         self.streams: dict[str, TaskStream] = {}
         self.step = 0
@@ -162,6 +166,9 @@ class Trainer:
         p.register("samples", n)
         p.register("data_wait", self.world)  # seconds each rank waited for its batch
         p.register("task_choice", self.world, windowed=False)  # the task index each rank ran
+        for name, head in self.synced.items():  # e.g. MoCo's keys, for a queue shared by all ranks
+            for slot, size in head.sync_slots().items():
+                p.register(f"{name}/{slot}", size * self.world, windowed=False)
         return p
 
     def enter_stage(self, index: int) -> None:
@@ -210,23 +217,28 @@ class Trainer:
         """One SIMT step. Returns this step's payload summed over all workers."""
         t0 = time.perf_counter()
         ti = self.task_at(self.step)
-        task = self.tasks[ti]
-        batch, wait = self.stream(task).next()
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        parts = [ti, *self.attached.get(ti, [])]  # the sampled task, then auxiliary tasks it carries
+        batches, wait = [], 0.0
+        for i in parts:
+            batch, waited = self.stream(self.tasks[i]).next()
+            batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+            wait += waited
         # Every random draw of this step (dropout, RPN/RoI sampling, Mixup, Gumbel noise) is a
         # function of (seed, step, rank), so a run resumed from a checkpoint repeats it exactly.
         rng = np.random.default_rng([self.cfg.train.seed, self.step, self.rank, 11])
         torch.manual_seed(int(rng.integers(2**62)))
-        batch = task.train_batch(batch, rng)
+        batches = [self.tasks[i].train_batch(b, rng) for i, b in zip(parts, batches)]
         self.model.backbone.set_step(self.step_state())
         with self.autocast():
-            out, tie = self.model(batch[task.input_key()], task.name, batch)
-            loss = task.loss(out, batch) * task.cfg.loss_weight
+            outs, tie = self.forward(parts, batches)
+            losses = self.losses(parts, outs, batches)
+        loss = sum(losses)
         (self.scaler.scale(loss + tie) if self.scaler else loss + tie).backward()
-        self._record(ti, loss.detach(), batch[task.input_key()].shape[0], wait)
+        self._record(parts, losses, batches, wait)
         summed, _ = self.reducer.reduce(self.payload.build(self.device))  # the payload rides along
-        summed = summed.cpu()
-        self._raise_if_nonfinite(summed)
+        stats = summed.cpu()
+        self._raise_if_nonfinite(stats)
+        self._sync_heads(summed)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -234,19 +246,47 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # None = "unused" for the next masked allreduce
         self.scheduler.step()
+        for head in self.synced.values():
+            head.momentum_update()
         self.call("after_optimizer_step")
         self.step += 1
-        return StepOutput(ti, summed, wait, time.perf_counter() - t0)
+        return StepOutput(ti, stats, wait, time.perf_counter() - t0)
 
-    def _record(self, ti: int, loss: torch.Tensor, samples: int, wait: float) -> None:
-        finite = bool(torch.isfinite(loss))
+    def forward(self, parts: list[int], batches: list[dict[str, torch.Tensor]]) -> tuple[list, torch.Tensor]:
+        """Head outputs of each part and the BN tie (gppf.model): one trunk forward either way."""
+        tasks = [self.tasks[i] for i in parts]
+        if len(tasks) == 1:
+            out, tie = self.model(batches[0][tasks[0].input_key()], tasks[0].name, batches[0])
+            return [out], tie
+        named = [(t.name, b) for t, b in zip(tasks, batches)]
+        return self.model.forward_composite(named, [t.input_key() for t in tasks])
+
+    def losses(self, parts: list[int], outs: list, batches: list[dict]) -> list[torch.Tensor]:
+        """Each part's weighted loss (CompL: L_t and λ L_a, λ the auxiliary task's loss_weight)."""
+        tasks = [self.tasks[i] for i in parts]
+        return [t.loss(o, b) * t.cfg.loss_weight for t, o, b in zip(tasks, outs, batches)]
+
+    def _record(self, parts: list[int], losses: list[torch.Tensor], batches: list[dict], wait: float) -> None:
         p = self.payload
-        p.add("nonfinite", ti, 0.0 if finite else 1.0)
-        p.add("loss", ti, loss.float() if finite else 0.0)
-        p.add("steps", ti, 1.0)
-        p.add("samples", ti, samples)
+        for i, loss, batch in zip(parts, losses, batches):
+            loss = loss.detach()
+            finite = bool(torch.isfinite(loss))
+            p.add("nonfinite", i, 0.0 if finite else 1.0)
+            p.add("loss", i, loss.float() if finite else 0.0)
+            p.add("steps", i, 1.0)
+            p.add("samples", i, batch[self.tasks[i].input_key()].shape[0])
+            head = self.synced.get(self.tasks[i].name)
+            if head is not None:
+                for slot, values in head.sync_put().items():
+                    p.put(f"{self.tasks[i].name}/{slot}", self.rank * values.numel(), values)
         p.add("data_wait", self.rank, wait)
-        p.add("task_choice", self.rank, ti)
+        p.add("task_choice", self.rank, parts[0])
+
+    def _sync_heads(self, summed: torch.Tensor) -> None:
+        """Every rank, every step: heads with cross-rank state (MoCo's queue) read what every rank
+        put into their payload slots."""
+        for name, head in self.synced.items():
+            head.sync_get({slot: self.payload.view(summed, f"{name}/{slot}") for slot in head.sync_slots()})
 
     def _raise_if_nonfinite(self, summed: torch.Tensor) -> None:
         bad = self.payload.view(summed, "nonfinite")
