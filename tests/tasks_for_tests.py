@@ -6,6 +6,16 @@ from pathlib import Path
 from typing import Any
 
 
+def _ssl(root: Path) -> dict[str, Any]:
+    return {
+        "data_root": str(root / "segmentation"),
+        "images": ["train/images"],
+        "val_images": ["val/images"],
+        "batch_size": 4,
+        "input_size": 32,
+    }
+
+
 # A new task type must add an entry here: test_every_registered_task_has_a_test_config checks it.
 def task_entries(root: Path) -> dict[str, dict[str, Any]]:
     return {
@@ -64,6 +74,10 @@ def task_entries(root: Path) -> dict[str, dict[str, Any]]:
             "input_size": 64,
             "head": {"fpn_channels": 16, "conv_channels": 16, "fc_channels": 32, "anchor_size": 8},
         },
+        # CompL's self-supervised auxiliary tasks, on the segmentation images (no labels read)
+        "rotation": {"type": "rotation", **_ssl(root)},
+        "moco": {"type": "moco", **_ssl(root), "dim": 16, "queue_size": 32},
+        "densecl": {"type": "densecl", **_ssl(root), "dim": 16, "queue_size": 32, "key_size": 24},
         "det_boxes": {  # Faster R-CNN (box-only datasets)
             "type": "detection",
             "data_root": str(root / "detection"),
