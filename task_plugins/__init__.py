@@ -1,3 +1,3 @@
 """Task plugins shipped with the platform. Importing this package registers them."""
 
-from task_plugins import classification, depth, detection, segmentation  # noqa: F401
+from task_plugins import classification, depth, detection, multihead, segmentation  # noqa: F401
