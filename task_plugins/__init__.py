@@ -1,3 +1,11 @@
 """Task plugins shipped with the platform. Importing this package registers them."""
 
-from task_plugins import classification, depth, detection, moco, rotation, segmentation  # noqa: F401
+from task_plugins import (  # noqa: F401
+    classification,
+    depth,
+    detection,
+    moco,
+    multihead,
+    rotation,
+    segmentation,
+)

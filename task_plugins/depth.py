@@ -211,7 +211,8 @@ class DepthTask(Task):
                 f"{image_path} is {size[0]}x{size[1]}"
             )
 
-    def check_data(self) -> None:
+    def check_config(self) -> None:
+        """The config's own errors, no files (a multihead task checks its heads with this)."""
         c = self.cfg
         if not 0 < c.min_depth_eval < c.max_depth_eval:
             raise ValueError(
@@ -225,6 +226,9 @@ class DepthTask(Task):
             )
         if not 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1:
             raise ValueError(f"tasks.{self.name}.crop_scale must be (lo, hi) in (0, 1], got {c.crop_scale}")
+
+    def check_data(self) -> None:
+        self.check_config()
         for split in ("train", "val"):
             img_dir, depth_dir = self._dirs(split)
             where = f"task {self.name!r}: {split}"

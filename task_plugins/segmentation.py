@@ -153,9 +153,13 @@ class SegmentationTask(Task):
         listing = self.cfg.train_list if split == "train" else self.cfg.val_list
         return paired_files(self.name, self.cfg.data_root, *self._dirs(split), listing, "label")
 
-    def check_data(self) -> None:
+    def check_config(self) -> None:
+        """The config's own errors, no files (a multihead task checks its heads with this)."""
         if self.cfg.num_classes <= 0:
             raise ValueError(f"tasks.{self.name}.num_classes must be set (> 0) for a segmentation task")
+
+    def check_data(self) -> None:
+        self.check_config()
         for split in ("train", "val"):
             d = self._dirs(split)[0]
             pairs = self._pairs(split)

@@ -67,6 +67,16 @@ def task_entries(root: Path) -> dict[str, dict[str, Any]]:
             "input_size": 32,
             "head_channels": 16,
         },
+        "multihead": {  # partially labelled seg + depth on the same images, zeroing loss
+            "type": "multihead",
+            "data_root": str(root / "multihead"),
+            "batch_size": 4,
+            "input_size": 32,
+            "heads": {
+                "seg": {"type": "segmentation", "num_classes": 4, "head_channels": 16, "aux_channels": 8},
+                "depth": {"type": "depth", "head_channels": 16, "max_depth": 24.0, "max_depth_eval": 24.0},
+            },
+        },
         "det": {  # Mask R-CNN
             "type": "detection",
             "data_root": str(root / "detection"),

@@ -16,8 +16,10 @@ from gppf.model import MultiTaskModel
 from gppf.registry import _REGISTRY, build_task
 from tests.tasks_for_tests import task_entries
 
-NAMES = ["cls_folder", "cls_parquet", "cls_augs", "seg", "seg_simple", "depth", "det", "det_boxes"]
-NAMES += ["rotation", "moco", "densecl"]
+NAMES = [
+    *("cls_folder", "cls_parquet", "cls_augs", "seg", "seg_simple"),
+    *("depth", "multihead", "det", "det_boxes", "rotation", "moco", "densecl"),
+]
 
 
 def test_every_registered_task_has_a_test_config(tmp_path):

@@ -7,6 +7,9 @@
   boxes and polygon masks of discs, squares and triangles (category ids 1, 2, 4: not contiguous)
 - `depth/` : KITTI-style {train,val}/images/*.jpg + {train,val}/depth/*.png (uint16, metres x 256,
   0 = no measurement): a ground plane and boxes standing on it, ~60 % of pixels dropped like LiDAR
+- `multihead/` : partially labelled segmentation + depth on the same images (NYUD-style),
+  {train,val}/images/*.jpg + {train,val}/seg/*.png (class ids) + {train,val}/depth/*.png (uint16);
+  ~40 % of images lack the seg label and ~30 % the depth map, none lacks both
 
 Each class is a coloured shape on a noisy background, so a small network measurably improves on
 it within a few hundred steps, but not trivially at step 0.
@@ -27,7 +30,7 @@ SEG_CLASSES = ("background", "disc", "square", "triangle")
 # Each class has its own colour (jittered) as well as its shape: a network trained from scratch
 # picks up colour within a few hundred steps and shape later, so progress is measurable early.
 PALETTE = ((220, 40, 40), (40, 200, 40), (40, 60, 220), (230, 210, 30))
-VERSION = 4
+VERSION = 5
 DET_CATEGORIES = ((1, "disc"), (2, "square"), (4, "triangle"))
 
 
@@ -250,6 +253,35 @@ def write_depth(root: Path, n_train: int, n_val: int, seed: int) -> None:
             png.save(root / split / "depth" / f"{i:05d}.png")
 
 
+def multihead_depth(label: np.ndarray) -> np.ndarray:
+    """A dense depth map (metres) for a segmentation demo label: the background recedes from 4 m
+    at the bottom row to 20 m at the top, each shape class stands at its own depth, void is 0."""
+    h = label.shape[0]
+    rows = np.linspace(20.0, 4.0, h, dtype=np.float32)[:, None]
+    depth = np.broadcast_to(rows, label.shape).copy()
+    for cls, z in ((1, 3.0), (2, 6.0), (3, 9.0)):
+        depth[label == cls] = z
+    depth[label == 255] = 0.0
+    return depth
+
+
+def write_multihead(root: Path, n_train: int, n_val: int, seed: int) -> None:
+    rng = np.random.default_rng([seed, 6])
+    for split, n in (("train", n_train), ("val", n_val)):
+        for d in ("images", "seg", "depth"):
+            (root / split / d).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img, label = segmentation_pair(rng)
+            img.save(root / split / "images" / f"{i:05d}.jpg", quality=95)
+            missing = rng.random()  # < 0.4: no seg label, 0.4-0.7: no depth map, else both
+            if missing >= 0.4:
+                label.save(root / split / "seg" / f"{i:05d}.png")
+            if not 0.4 <= missing < 0.7:
+                depth = multihead_depth(np.asarray(label))
+                png = Image.fromarray(np.round(depth * 256.0).astype(np.uint16))
+                png.save(root / split / "depth" / f"{i:05d}.png")
+
+
 def generate(root: str | Path, n_train: int = 400, n_val: int = 100, seed: int = 0) -> Path:
     """Write all demo datasets under `root` (skipped when an identical set is already there)."""
     root = Path(root)
@@ -263,6 +295,7 @@ def generate(root: str | Path, n_train: int = 400, n_val: int = 100, seed: int =
     write_segmentation(root / "segmentation", n_train, n_val, seed)
     write_detection(root / "detection", n_train, n_val, seed)
     write_depth(root / "depth", n_train, n_val, seed)
+    write_multihead(root / "multihead", n_train, n_val, seed)
     stamp.write_text(json.dumps(meta))
     return root
 
