@@ -37,6 +37,7 @@ def test_every_job_file_is_listed():
         "demo_detection",
         "finetune",
         "adapt_finetune",
+        "compl",
     }
 
 
