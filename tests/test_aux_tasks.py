@@ -224,8 +224,9 @@ def test_composite_errors_name_the_key(demo_root):
 
 
 def test_auxiliary_tasks_train_on_two_ranks_and_stay_out_of_the_export(demo_root, ray_session, tmp_path):
-    """MoCo and DenseCL as SIMT tasks, rotation attached to the segmentation target (composite),
-    on 2 gloo workers; the exported backbone is a plain timm state_dict without any of their parts."""
+    """Rotation, MoCo and DenseCL as SIMT tasks and a rotation task attached to the segmentation
+    target (composite), on 2 gloo workers; the exported backbone is a plain timm state_dict
+    without any of their parts."""
     import json
 
     import timm
@@ -236,19 +237,19 @@ def test_auxiliary_tasks_train_on_two_ranks_and_stay_out_of_the_export(demo_root
     from gppf.runner import fit
 
     tasks = aux_tasks(demo_root)
-    tasks["rot"]["composite_with"] = "seg"
+    tasks["rot_attached"] = {**tasks["rot"], "composite_with": "seg"}
     for name in ("moco", "dense"):
         tasks[name]["val_images"] = ["val/images"]
     cfg = _config(tasks, log_every=2, eval_max_batches=1, eval_at_start=False, collective_timeout_s=120)
-    cfg.name, cfg.run_dir, cfg.train.steps = "aux", str(tmp_path), 8
+    cfg.name, cfg.run_dir, cfg.train.steps = "aux", str(tmp_path), 10
     cfg.data = StreamConfig(min_rows_per_pass=16, chunk_rows=16, prefetch_batches=1)
     cfg.scaling = ScalingConfig(num_workers=2, cpus_per_worker=0.5)
     result = fit(cfg)
     run = Path(result["run_dir"])
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = {t: sum(x.get(f"worker_steps/{t}", 0) for x in lines) for t in tasks}
-    assert sum(steps[t] for t in ("seg", "moco", "dense")) == 2 * 8
-    assert min(steps.values()) > 0 and steps["rot"] == steps["seg"]  # rotation rides with seg
+    assert sum(steps[t] for t in ("seg", "rot", "moco", "dense")) == 2 * 10
+    assert min(steps.values()) > 0 and steps["rot_attached"] == steps["seg"]  # rides with seg
     final = result["final_eval"]
     assert set(final["rot"]) == {"top1"} and set(final["moco"]) == {"contrast_top1"}
 
