@@ -95,7 +95,8 @@ class TaskStream:
         src = task.source("train")
         if not src.units:
             raise ValueError(f"task {task.name!r}: the train split has no data")
-        self.units = src.units
+        # + extra train roots (pseudo-labels): never under a label fraction, they are not labelled data
+        self.units = src.units + task.extra_train_units(src.read)
         self.read = src.read
         self.rows_per_unit = src.rows_per_unit
         self.pass_idx = 0
