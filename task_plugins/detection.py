@@ -11,6 +11,9 @@ annotation files. Boxes only (Objects365, Open Images): `masks: false` gives Fas
 Batches carry fixed-shape arrays so they travel through Ray Data like any other task's:
 instances are padded to `max_instances` (label -1) and masks are bit-packed (input_size² / 8 bytes
 per instance).
+
+Pseudo-labels (gppf.pseudo_labels): the images and one COCO file, at the train paths of this
+layout, of the detections scoring >= `score` (0.5), with their masks as RLE when `masks` is on.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ train/labels/<stem>.png, and the same under val/. `train_list` / `val_list` name
 stems instead of listing the image directory (Pascal VOC's ImageSets). Label pixels are class ids,
 `ignore_index` (255) marks void. `label_map` remaps raw ids first (ADE20K's 0 = "other", COCO-Stuff's
 sparse ids); raw ids missing from a non-empty map become ignore.
+
+Pseudo-labels (gppf.pseudo_labels) are written in this layout: the teacher's class where its
+softmax is >= `confidence` (0.3), ignore_index elsewhere, in raw ids when there is a label_map.
 """
 
 from __future__ import annotations
