@@ -43,11 +43,13 @@ class PseudoLabelConfig:
     use_gpu: bool = False  # one GPU per actor
 
     def __post_init__(self):
+        # Named as jobs/cpf.py spells them; the CLI's flags are the same words.
         for key in ("confidence", "score"):
             if not 0 <= getattr(self, key) <= 1:
-                raise ConfigError(f"pseudo-label {key} must be in [0, 1], got {getattr(self, key)}")
-        if self.batch_size < 1 or self.actors < 1:
-            raise ConfigError("pseudo-label batch_size and actors must be >= 1")
+                raise ConfigError(f"cpf.pseudo_labels.{key} must be in [0, 1], got {getattr(self, key)}")
+        for key in ("batch_size", "actors"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"cpf.pseudo_labels.{key} must be >= 1, got {getattr(self, key)}")
 
 
 def load_teacher(checkpoint: str | Path, task: Task) -> MultiTaskModel:
