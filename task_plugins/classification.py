@@ -147,6 +147,18 @@ class ClassificationTask(Task):
         if self.cfg.auto_augment:
             self._randaugment()  # a malformed spec fails here, on the driver, naming the task
 
+    def check_extra_root(self, other: Task) -> None:
+        """An ImageFolder numbers its classes by its own folders: an extra root needs the same ones."""
+        if self._format() != "imagefolder":
+            return
+        mine = _class_names(self._split_dir("train"))
+        theirs = _class_names(other._split_dir("train"))
+        if mine != theirs:
+            raise ValueError(
+                f"task {self.name!r}: extra train root {other.cfg.data_root} has {len(theirs)} class "
+                f"folders, not data_root's {len(mine)} (or other names): the class ids would not match"
+            )
+
     def _infer_num_classes(self) -> int:
         if self._format() == "imagefolder":
             return len(_class_names(self._split_dir("train")))

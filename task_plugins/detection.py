@@ -11,6 +11,9 @@ annotation files. Boxes only (Objects365, Open Images): `masks: false` gives Fas
 Batches carry fixed-shape arrays so they travel through Ray Data like any other task's:
 instances are padded to `max_instances` (label -1) and masks are bit-packed (input_size² / 8 bytes
 per instance).
+
+Pseudo-labels (gppf.pseudo_labels): the images and one COCO file, at the train paths of this
+layout, of the detections scoring >= `score` (0.5), with their masks as RLE when `masks` is on.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
 from torch import nn
 from torchvision import tv_tensors
@@ -33,8 +37,13 @@ from gppf.data.stream import items_dataset
 from gppf.registry import register_task
 from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
 from task_plugins.coco_data import CocoIndex, load_coco
-from task_plugins.coco_eval import CocoEvaluator
+from task_plugins.coco_eval import CocoEvaluator, detections_to_coco
+from task_plugins.pseudo_label_formats import coco_document, confident_annotations, link_image
 from task_plugins.rcnn import RCNNConfig, RCNNHead
+
+if TYPE_CHECKING:
+    from gppf.pseudo_labels import PseudoLabelConfig
+    from gppf.task import Task
 
 
 @dataclass
@@ -288,6 +297,64 @@ class DetectionTask(Task):
             out["scale"][i] = scale
             out["orig_size"][i] = (h, w)
         return out
+
+    def check_extra_root(self, other: Task) -> None:
+        mine, theirs = self.index("train").categories, other.index("train").categories
+        if [c["id"] for c in mine] != [c["id"] for c in theirs]:
+            raise ValueError(
+                f"task {self.name!r}: extra train root {other.cfg.data_root} declares categories "
+                f"{[c['id'] for c in theirs]}, data_root {[c['id'] for c in mine]}: labels would not match"
+            )
+
+    # -- pseudo-labels: images + one COCO file of the boxes (and masks) scoring >= cfg.score --------
+    def pseudo_inputs(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        paths = [str(p) for p in batch["path"]]
+        sizes = []
+        for path in paths:
+            with Image.open(path) as img:  # the header only: _eval_batch decodes
+                sizes.append(img.size)
+        records = {
+            "path": np.asarray(paths, dtype=object),
+            "image_id": np.asarray(batch["index"], dtype=np.int64) + 1,
+            "width": np.asarray([w for w, _ in sizes], dtype=np.int64),
+            "height": np.asarray([h for _, h in sizes], dtype=np.int64),
+            "anns": np.asarray(["[]"] * len(paths), dtype=object),
+        }
+        return {**self._eval_batch(records), "path": records["path"]}
+
+    def write_pseudo_labels(
+        self,
+        outputs: list[dict[str, torch.Tensor]],
+        inputs: dict[str, np.ndarray],
+        out: Path,
+        cfg: PseudoLabelConfig,
+    ) -> list[dict[str, Any]]:
+        label_to_category = self.index("train").label_to_category
+        records = []
+        for i, det in enumerate(outputs):
+            image_id = int(inputs["image_id"][i])
+            h, w = (int(v) for v in inputs["orig_size"][i])
+            results = detections_to_coco(det, image_id, float(inputs["scale"][i]), (h, w), label_to_category)
+            src = Path(str(inputs["path"][i]))
+            link_image(src, out / self.cfg.train_images / src.name)
+            image = {"id": image_id, "file_name": src.name, "height": h, "width": w}
+            if self.cfg.image_key != "file_name":  # LVIS-style keys locate the image by that key
+                image[self.cfg.image_key] = src.name
+            records.append({"image": image, "annotations": confident_annotations(results, cfg.score)})
+        return records
+
+    def finish_pseudo_labels(self, records: list[dict[str, Any]], out: Path) -> dict[str, float]:
+        annotations = [a for r in records for a in r["annotations"]]
+        if not annotations:  # a COCO file without annotations is refused by load_coco
+            raise ValueError(
+                f"task {self.name!r}: no detection of the {len(records)} images scores at least the "
+                "pseudo-label threshold: a weak teacher, or a threshold too high"
+            )
+        doc = coco_document([r["image"] for r in records], annotations, self.index("train").categories)
+        path = out / self.cfg.train_annotations
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc))
+        return {"images": len(records), "boxes_per_image": len(annotations) / max(1, len(records))}
 
     # -- model ----------------------------------------------------------------------------
     def build_head(self, features: list[FeatureInfo]) -> nn.Module:

@@ -5,12 +5,16 @@ train/labels/<stem>.png, and the same under val/. `train_list` / `val_list` name
 stems instead of listing the image directory (Pascal VOC's ImageSets). Label pixels are class ids,
 `ignore_index` (255) marks void. `label_map` remaps raw ids first (ADE20K's 0 = "other", COCO-Stuff's
 sparse ids); raw ids missing from a non-empty map become ignore.
+
+Pseudo-labels (gppf.pseudo_labels) are written in this layout: the teacher's class where its
+softmax is >= `confidence` (0.3), ignore_index elsewhere, in raw ids when there is a label_map.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,7 +26,11 @@ from gppf.data.images import BadSampleError, open_image, random_resized_crop_box
 from gppf.data.stream import items_dataset
 from gppf.registry import register_task
 from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
+from task_plugins.pseudo_label_formats import confident_labels, label_image, link_image, raw_label_ids
 from task_plugins.upernet import UperNetWithAux
+
+if TYPE_CHECKING:
+    from gppf.pseudo_labels import PseudoLabelConfig
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
 
@@ -224,6 +232,42 @@ class SegmentationTask(Task):
             images[i] = to_chw(img)
             masks[i] = np.asarray(lbl, dtype=np.int64)
         return {"image": images, "mask": masks}
+
+    # -- pseudo-labels: image + label PNG (class id where the teacher is confident, else ignore) --
+    def pseudo_inputs(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        size, n = self.cfg.input_size, len(batch["path"])
+        images = np.empty((n, 3, size, size), dtype=np.float32)
+        orig = np.empty((n, 2), dtype=np.int64)
+        for i in range(n):
+            path = str(batch["path"][i])
+            img = open_image(path, self.name, f"image {path}")
+            orig[i] = (img.height, img.width)
+            images[i] = to_chw(img.resize((size, size), Image.BILINEAR))  # as evaluation resizes
+        return {"image": images, "orig_size": orig, "path": np.asarray(batch["path"])}
+
+    def write_pseudo_labels(
+        self, outputs: torch.Tensor, inputs: dict[str, np.ndarray], out: Path, cfg: PseudoLabelConfig
+    ) -> list[dict[str, Any]]:
+        records = []
+        for i, logits in enumerate(outputs.float().cpu()):
+            h, w = (int(v) for v in inputs["orig_size"][i])
+            logits = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)
+            ids = confident_labels(logits[0].softmax(0).numpy(), cfg.confidence, self.cfg.ignore_index)
+            src = Path(str(inputs["path"][i]))
+            link_image(src, out / self.cfg.train_images / src.name)
+            png = out / self.cfg.train_labels / f"{src.stem}.png"
+            png.parent.mkdir(parents=True, exist_ok=True)
+            label_image(raw_label_ids(ids, self.cfg.label_map, self.cfg.ignore_index)).save(png)
+            records.append({"stem": src.stem, "kept": float((ids != self.cfg.ignore_index).mean())})
+        return records
+
+    def finish_pseudo_labels(self, records: list[dict[str, Any]], out: Path) -> dict[str, float]:
+        if self.cfg.train_list:  # a listed layout (Pascal VOC's ImageSets) lists the labelled stems
+            listing = out / self.cfg.train_list
+            listing.parent.mkdir(parents=True, exist_ok=True)
+            listing.write_text("".join(f"{r['stem']}\n" for r in records))
+        kept = [r["kept"] for r in records]
+        return {"images": len(records), "labelled_pixels_pct": 100.0 * float(np.mean(kept)) if kept else 0.0}
 
     def build_head(self, features: list[FeatureInfo]) -> nn.Module:
         if self.cfg.head == "upernet":

@@ -20,6 +20,7 @@ from gppf.trainer import build_tasks
 
 if TYPE_CHECKING:
     from gppf.hooks import Hook
+    from gppf.task import Task
 
 
 def resolve(cfg: JobConfig) -> JobConfig:
@@ -61,12 +62,26 @@ def resolve(cfg: JobConfig) -> JobConfig:
         if not any(root.iterdir()):
             raise FileNotFoundError(f"task {task.name!r}: data root {root} is empty")
         data_check.check(task, cfg.tasks[task.name]["type"])
+        _resolve_extra_roots(task)
         cfg.tasks[task.name] = {
             "type": cfg.tasks[task.name]["type"],
             "plugin_module": type(task).__module__,
             **to_dict(task.cfg),
         }
     return cfg
+
+
+def _resolve_extra_roots(task: Task) -> None:
+    """Absolute extra train roots that exist and list train data this task reads like its own."""
+    roots = []
+    for i, value in enumerate(task.cfg.extra_train_roots):
+        root = Path(value).expanduser().absolute()
+        if not root.is_dir():
+            raise FileNotFoundError(f"tasks.{task.name}.extra_train_roots[{i}]: {root} does not exist")
+        roots.append(str(root))
+    task.cfg.extra_train_roots = roots
+    if roots:
+        task.extra_train_units(task.source("train").read)
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

@@ -7,15 +7,20 @@ to this interface, so classification, segmentation and detection plug in the sam
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from gppf.config import ConfigError
+
+if TYPE_CHECKING:
+    from gppf.pseudo_labels import PseudoLabelConfig
 
 
 @dataclass
@@ -37,6 +42,9 @@ class TaskConfig:
     # the same on every rank and run for one label_seed; 1.0 = everything. Never the val split.
     label_fraction: float = 1.0
     label_seed: int = 0
+    # Directories in data_root's layout whose train split trains with this task's own (pseudo-labels
+    # written by gppf.pseudo_labels); their validation splits are not read.
+    extra_train_roots: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -136,9 +144,62 @@ class Task:
     def input_key(self) -> str:
         return "image"
 
+    # -- extra training data ----------------------------------------------------------------
+    def extra_train_units(self, read: Callable[[list[Any]], Any]) -> list[Any]:
+        """The train units of `cfg.extra_train_roots`, each listed by this task type on that root.
+        They are read with `read` (this task's own train reader), which must be the reader the
+        extra root's listing comes with: units of another format would decode wrongly."""
+        units: list[Any] = []
+        for root in self.cfg.extra_train_roots:
+            other = type(self)(self.name, dataclasses.replace(self.cfg, data_root=root, extra_train_roots=[]))
+            src = other.source("train")
+            if _code(src.read) is not _code(read):
+                raise ValueError(
+                    f"task {self.name!r}: extra train root {root} is read another way than data_root "
+                    f"(another format?); it must have data_root's layout"
+                )
+            if not src.units:
+                raise FileNotFoundError(
+                    f"task {self.name!r}: extra train root {root} holds no train data in this task's layout"
+                )
+            self.check_extra_root(other)
+            units.extend(src.units)
+        return units
+
+    def check_extra_root(self, other: Task) -> None:
+        """Raise if `other` (this task on an extra train root) would label classes differently,
+        e.g. another category list. Per-sample checks (a label id out of range) happen on decode."""
+
+    # -- pseudo-labels (gppf.pseudo_labels); optional --------------------------------------
+    def pseudo_inputs(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Model inputs for a batch of unlabelled images (`batch["path"]`, `batch["index"]`): the
+        evaluation's preprocessing, plus what `write_pseudo_labels` needs to map predictions back
+        to each image (its original size) and `path`."""
+        raise NotImplementedError(f"task {self.name!r} ({type(self).__name__}) cannot write pseudo-labels")
+
+    def write_pseudo_labels(
+        self, outputs: Any, inputs: dict[str, np.ndarray], out: Path, cfg: PseudoLabelConfig
+    ) -> list[dict[str, Any]]:
+        """Keep the confident part of a batch's predictions (the evaluation-mode head outputs) and
+        write what belongs to single images (the image, a label file) under `out`, in this task's
+        train layout; returns one JSON-serialisable record per image for `finish_pseudo_labels`."""
+        raise NotImplementedError(f"task {self.name!r} ({type(self).__name__}) cannot write pseudo-labels")
+
+    def finish_pseudo_labels(self, records: list[dict[str, Any]], out: Path) -> dict[str, float]:
+        """Write what spans all images (an annotation file, an image list) from the records of
+        every batch, in image order; returns summary figures for the log."""
+        raise NotImplementedError(f"task {self.name!r} ({type(self).__name__}) cannot write pseudo-labels")
+
     def class_names(self) -> list[str]:
         """Names of the task's classes (prompts of language-guided adapters); [] = no classes."""
         if self.cfg.class_names:
             return list(self.cfg.class_names)
         n = int(getattr(self.cfg, "num_classes", 0) or getattr(self, "num_classes", 0) or 0)
         return [f"class {i}" for i in range(n)]
+
+
+def _code(fn: Callable) -> Any:
+    """What identifies a reader across task instances: its function's code (bound methods and
+    closures such as a Parquet reader's lambda differ per instance, their code does not)."""
+    fn = getattr(fn, "__func__", fn)
+    return getattr(fn, "__code__", fn)

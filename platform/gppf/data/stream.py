@@ -96,7 +96,8 @@ class TaskStream:
         src = train_source(task)  # label_fraction < 1: a fixed subset of the units
         if not src.units:
             raise ValueError(f"task {task.name!r}: the train split has no data")
-        self.units = src.units
+        # + extra train roots (pseudo-labels): never under a label fraction, they are not labelled data
+        self.units = src.units + task.extra_train_units(src.read)
         self.read = src.read
         self.rows_per_unit = src.rows_per_unit
         self.pass_idx = 0
