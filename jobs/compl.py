@@ -28,6 +28,8 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "platform"), str(Path(__file__).resolve().parent)]
 
+from gppf_r50 import voc_task  # noqa: E402
+
 from gppf import cli  # noqa: E402
 from gppf.backbone import BackboneConfig  # noqa: E402
 from gppf.config import to_dict  # noqa: E402
@@ -51,27 +53,15 @@ def densecl(data_root: str, images: list[str], target: str, input_size: int, **e
 
 
 def full_config(data_root: str) -> JobConfig:
-    voc = str(Path(data_root) / "VOCdevkit" / "VOC2012")
+    voc = voc_task(Path(data_root))
+    voc["label_fraction"] = 1.0  # CompL's tables: 0.01 ... 1.0
     return JobConfig(
         name="compl_voc_densecl",
         tasks={
-            "voc": {
-                "type": "segmentation",
-                "data_root": voc,
-                "num_classes": 21,
-                "batch_size": 8,
-                "input_size": 512,
-                "label_fraction": 1.0,  # CompL's tables: 0.01 ... 1.0
-                "train_images": "JPEGImages",
-                "train_labels": "SegmentationClassAug",
-                "val_images": "JPEGImages",
-                "val_labels": "SegmentationClassAug",
-                "train_list": "ImageSets/Segmentation/train_aug.txt",
-                "val_list": "ImageSets/Segmentation/val.txt",
-            },
+            "voc": voc,
             # Every JPEG of VOC: the unlabelled rest of a label fraction included (val images too:
             # restrict with `images` to a folder of train images if that matters for your study).
-            AUX: densecl(voc, ["JPEGImages"], "voc", 512, key_size=512),
+            AUX: densecl(voc["data_root"], ["JPEGImages"], "voc", 512, key_size=512),
         },
         backbone=BackboneConfig(name="resnet50"),
         optim=OptimConfig(name="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, warmup_steps=500),

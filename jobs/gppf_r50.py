@@ -38,6 +38,24 @@ COCO_STUFF_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
 COCO_STUFF_MAP = {raw: i for i, raw in enumerate(r for r in range(182) if r not in COCO_STUFF_UNUSED)}
 
 
+def voc_task(root: Path) -> dict:
+    """Pascal VOC 2012 segmentation with SBD's train_aug list (VOCdevkit/VOC2012 under root)."""
+    return {
+        "type": "segmentation",
+        "data_root": str(root / "VOCdevkit" / "VOC2012"),
+        "num_classes": 21,
+        "sampling_weight": 1.0,
+        "batch_size": 8,
+        "input_size": 512,
+        "train_images": "JPEGImages",
+        "train_labels": "SegmentationClassAug",
+        "val_images": "JPEGImages",
+        "val_labels": "SegmentationClassAug",
+        "train_list": "ImageSets/Segmentation/train_aug.txt",
+        "val_list": "ImageSets/Segmentation/val.txt",
+    }
+
+
 def full_config(data_root: str) -> JobConfig:
     """The eight datasets of GPPF App. D.1, each in its own release's on-disk layout under data_root:
 
@@ -131,20 +149,7 @@ def full_config(data_root: str) -> JobConfig:
                 "val_labels": "annotations/val2017",
                 "label_map": COCO_STUFF_MAP,
             },
-            "voc": {
-                "type": "segmentation",
-                "data_root": str(root / "VOCdevkit" / "VOC2012"),
-                "num_classes": 21,
-                "sampling_weight": 1.0,
-                "batch_size": 8,
-                "input_size": 512,
-                "train_images": "JPEGImages",
-                "train_labels": "SegmentationClassAug",
-                "val_images": "JPEGImages",
-                "val_labels": "SegmentationClassAug",
-                "train_list": "ImageSets/Segmentation/train_aug.txt",
-                "val_list": "ImageSets/Segmentation/val.txt",
-            },
+            "voc": voc_task(root),
         },
         # Lego ResNet-50, N=2 units per layer, soft Gumbel-softmax, τ 5.0 -> 0.01 at 90 % (App. D.1).
         # (The paper also used gradient checkpointing; lego + checkpointing is not supported yet.)
