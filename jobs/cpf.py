@@ -24,8 +24,9 @@ protocol's keys, every other `--set` the job's. AdamW at 1e-4 with weight decay 
 
 With no arguments it runs the embedded demo: the demo detection and segmentation tasks as the
 curriculum, segmentation pseudo-labels on the demo detection images, the joint phase with the
-classification task added, and decoder finetuning of the three heads (static ResNet-18, about
-eight minutes on 2 CPUs); it prints each phase's table and where the final checkpoint is.
+classification task added, and decoder finetuning of the three heads (static ResNet-18; 13.5
+minutes on 2 CPUs shared with other jobs); it prints each phase's table and where the final
+checkpoint is.
 """
 
 from __future__ import annotations
