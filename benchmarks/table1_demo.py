@@ -32,10 +32,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "platform"), str(ROOT), str(ROOT / "jobs")]
 
-from gppf.config import apply_overrides  # noqa: E402
+from gppf.config import apply_overrides, to_dict  # noqa: E402
 from gppf.job_config import JobConfig  # noqa: E402
 
 TASKS = {"demo_cls": "top1", "demo_seg": "mIoU"}  # task -> its primary metric (the evaluator's)
+MARKER = "table1_run.json"  # in a run's directory: the config it ran and its wall time
 
 
 @dataclass(frozen=True)
@@ -114,14 +115,21 @@ def job_config(demo_root: str, setting: Setting, seed: int, t1: Table1Config, ru
     return apply_overrides(cfg, [*base, *setting.overrides, *t1.overrides])
 
 
-def finished(run: Path, steps: int) -> dict[str, Any] | None:
-    """A finished run of this length in `run` (its results.json), or None."""
-    path = run / "results.json"
-    if not path.is_file():
+def finished(run: Path, cfg: JobConfig) -> tuple[dict[str, Any], float] | None:
+    """The final metrics and wall time of a finished run of this very config in `run`, or None.
+
+    table1_run.json (written after the fit) holds the config it was asked to run: results of any
+    other config in the same place are an error, not a silent reuse."""
+    marker, results = run / MARKER, run / "results.json"
+    if not (marker.is_file() and results.is_file()):
         return None
-    metrics = json.loads(path.read_text())
-    done = metrics.get("step") == steps and set(TASKS) <= set(metrics.get("final_eval") or {})
-    return metrics if done else None
+    saved = json.loads(marker.read_text())
+    if saved["config"] != to_dict(cfg):
+        raise FileExistsError(
+            f"{run} holds a finished run of another configuration (steps, seed or --set differ); "
+            "pick another --run-dir"
+        )
+    return json.loads(results.read_text()), saved["wall_s"]
 
 
 def summarise(runs: list[dict[str, Any]], settings: list[Setting]) -> list[dict[str, Any]]:
@@ -214,16 +222,19 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     for i, (setting, seed) in enumerate(plan):
         cfg = job_config(demo_root, setting, seed, t1, run_dir)
         here = run_dir / cfg.run_name
-        metrics, t_run = finished(here, t1.steps), time.time()
         print(f"\n[table1] run {i + 1}/{len(plan)}: {setting.key} seed {seed} ({setting.label})", flush=True)
-        if metrics is None:
+        done = finished(here, cfg)
+        if done is None:
             # A run stopped after its final checkpoint continues in place; otherwise it starts over.
             resume = str(here) if any(here.glob("checkpoint_*")) else None
+            t_run = time.time()
             metrics = fit(cfg, resume_from=resume)
-            fitted, n_fits = fitted + time.time() - t_run, n_fits + 1
+            wall = time.time() - t_run
+            (here / MARKER).write_text(json.dumps({"config": to_dict(cfg), "wall_s": wall}, indent=2))
+            fitted, n_fits = fitted + wall, n_fits + 1
         else:
-            print(f"[table1] reusing the finished run in {here}", flush=True)
-        wall = time.time() - t_run
+            metrics, wall = done
+            print(f"[table1] reusing the finished run in {here} (it took {wall:.0f}s)", flush=True)
         runs.append(
             {
                 "setting": setting.key,
@@ -252,7 +263,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "overrides": t1.overrides,
         "demo_root": demo_root,
         "demo_images": n,
-        "wall_s": time.time() - t0,
+        "wall_s": time.time() - t0,  # this command's; reused runs took theirs earlier
+        "runs_wall_s": sum(r["wall_s"] for r in runs),
         "summary": rows,
         "runs": runs,
     }
