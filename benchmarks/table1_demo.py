@@ -7,15 +7,15 @@ detection task: demo_cls + demo_seg, ResNet-18, 2 CPU workers) for the same numb
 
   simt_xbn        static backbone, SIMT sampling (each worker draws its own task), cross-task BN
   per_batch_xbn   static backbone, per-batch sampling (all workers run one task per step), cross-task BN
-  simt_local_bn   static backbone, SIMT sampling, local BN (each worker normalises its own task only)
+  simt_local_bn   static backbone, SIMT sampling, local BN (each worker normalises its own batch only)
   lego_n2_hard    lego backbone (N=2 units per layer, hard routing), SIMT sampling, cross-task BN
 
 GPPF Table 1 compares the same ingredients on eight real datasets: SIMT, SyncBN (cross-task BN
 here) and the dynamic network (lego). It prints, and writes to --out as table1_demo.md and
 table1_demo.json, each task's primary validation metric (demo_cls top-1, demo_seg mIoU) as mean ±
-std (sample std over seeds) per setting, plus every run's figures. A run directory that already
-holds a finished run of the same name and length is reused, so an interrupted command continues
-where it stopped when given the same --run-dir.
+std (sample std over seeds) per setting, plus every run's figures and wall time. Given the
+--run-dir of an earlier call, runs that finished there with the same config are reused, so an
+interrupted command continues where it stopped.
 """
 
 from __future__ import annotations
