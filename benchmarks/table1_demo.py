@@ -1,21 +1,21 @@
 """GPPF Table 1 at demo scale: which ingredients of joint training matter, on the demo tasks.
 
-    python benchmarks/table1_demo.py [--steps 300 --seeds 3 --demo-root DIR --run-dir DIR --out DIR]
+    python benchmarks/table1_demo.py [--steps 250 --seeds 3 --demo-root DIR --run-dir DIR --out DIR]
 
 Four settings x seeds, every run the same job (the embedded demo of jobs/gppf_r50.py without its
 detection task: demo_cls + demo_seg, ResNet-18, 2 CPU workers) for the same number of steps:
 
   simt_xbn        static backbone, SIMT sampling (each worker draws its own task), cross-task BN
   per_batch_xbn   static backbone, per-batch sampling (all workers run one task per step), cross-task BN
-  simt_local_bn   static backbone, SIMT sampling, local BN (each worker normalises its own task only)
+  simt_local_bn   static backbone, SIMT sampling, local BN (each worker normalises its own batch only)
   lego_n2_hard    lego backbone (N=2 units per layer, hard routing), SIMT sampling, cross-task BN
 
 GPPF Table 1 compares the same ingredients on eight real datasets: SIMT, SyncBN (cross-task BN
 here) and the dynamic network (lego). It prints, and writes to --out as table1_demo.md and
 table1_demo.json, each task's primary validation metric (demo_cls top-1, demo_seg mIoU) as mean ±
-std (sample std over seeds) per setting, plus every run's figures. A run directory that already
-holds a finished run of the same name and length is reused, so an interrupted command continues
-where it stopped when given the same --run-dir.
+std (sample std over seeds) per setting, plus every run's figures and wall time. Given the
+--run-dir of an earlier call, runs that finished there with the same config are reused, so an
+interrupted command continues where it stopped.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "platform"), str(ROOT), str(ROOT / "jobs")]
 
-from gppf.config import apply_overrides  # noqa: E402
+from gppf.config import apply_overrides, to_dict  # noqa: E402
 from gppf.job_config import JobConfig  # noqa: E402
 
 TASKS = {"demo_cls": "top1", "demo_seg": "mIoU"}  # task -> its primary metric (the evaluator's)
+MARKER = "table1_run.json"  # in a run's directory: the config it ran and its wall time
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,10 @@ BY_KEY = {s.key: s for s in SETTINGS}
 
 @dataclass
 class Table1Config:
-    steps: int = 300
+    # 250 steps give each task about as many worker-steps as the 360-step, three-task demo of
+    # jobs/gppf_r50.py, and keep the 12 runs within about 40 minutes on 2 CPU cores (each run
+    # also pays ~45 s of worker-group start-up, stream start, final evaluation and checkpoint).
+    steps: int = 250
     seeds: int = 3  # seeds 0 .. seeds-1
     settings: tuple[str, ...] = tuple(BY_KEY)
     demo_root: str = "~/.cache/gppf/demo_data"
@@ -105,19 +109,27 @@ def job_config(demo_root: str, setting: Setting, seed: int, t1: Table1Config, ru
         "train.checkpoint_every=0",
         "train.keep_checkpoints=1",
         f"train.log_every={max(1, t1.steps // 5)}",
+        # The demo's 50 warmup steps, fewer in a shorter run so that it still reaches its peak lr.
         f"optim.warmup_steps={min(cfg.optim.warmup_steps, max(1, t1.steps // 6))}",
     ]
     return apply_overrides(cfg, [*base, *setting.overrides, *t1.overrides])
 
 
-def finished(run: Path, steps: int) -> dict[str, Any] | None:
-    """A finished run of this length in `run` (its results.json), or None."""
-    path = run / "results.json"
-    if not path.is_file():
+def finished(run: Path, cfg: JobConfig) -> tuple[dict[str, Any], float] | None:
+    """The final metrics and wall time of a finished run of this very config in `run`, or None.
+
+    table1_run.json (written after the fit) holds the config it was asked to run: results of any
+    other config in the same place are an error, not a silent reuse."""
+    marker, results = run / MARKER, run / "results.json"
+    if not (marker.is_file() and results.is_file()):
         return None
-    metrics = json.loads(path.read_text())
-    done = metrics.get("step") == steps and set(TASKS) <= set(metrics.get("final_eval") or {})
-    return metrics if done else None
+    saved = json.loads(marker.read_text())
+    if saved["config"] != to_dict(cfg):
+        raise FileExistsError(
+            f"{run} holds a finished run of another configuration (steps, seed or --set differ); "
+            "pick another --run-dir"
+        )
+    return json.loads(results.read_text()), saved["wall_s"]
 
 
 def summarise(runs: list[dict[str, Any]], settings: list[Setting]) -> list[dict[str, Any]]:
@@ -164,6 +176,8 @@ def markdown(rows: list[dict[str, Any]], runs: list[dict[str, Any]], t1: Table1C
         + f" | {r['wall_s']:.0f} |"
         for r in runs
     ]
+    lines += ["", f"Wall time of the runs: {sum(r['wall_s'] for r in runs) / 60:.1f} min. Settings:", ""]
+    lines += [f"- `{r['setting']}`: `{' '.join(BY_KEY[r['setting']].overrides)}`" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -208,16 +222,19 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     for i, (setting, seed) in enumerate(plan):
         cfg = job_config(demo_root, setting, seed, t1, run_dir)
         here = run_dir / cfg.run_name
-        metrics, t_run = finished(here, t1.steps), time.time()
         print(f"\n[table1] run {i + 1}/{len(plan)}: {setting.key} seed {seed} ({setting.label})", flush=True)
-        if metrics is None:
+        done = finished(here, cfg)
+        if done is None:
             # A run stopped after its final checkpoint continues in place; otherwise it starts over.
             resume = str(here) if any(here.glob("checkpoint_*")) else None
+            t_run = time.time()
             metrics = fit(cfg, resume_from=resume)
-            fitted, n_fits = fitted + time.time() - t_run, n_fits + 1
+            wall = time.time() - t_run
+            (here / MARKER).write_text(json.dumps({"config": to_dict(cfg), "wall_s": wall}, indent=2))
+            fitted, n_fits = fitted + wall, n_fits + 1
         else:
-            print(f"[table1] reusing the finished run in {here}", flush=True)
-        wall = time.time() - t_run
+            metrics, wall = done
+            print(f"[table1] reusing the finished run in {here} (it took {wall:.0f}s)", flush=True)
         runs.append(
             {
                 "setting": setting.key,
@@ -246,7 +263,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "overrides": t1.overrides,
         "demo_root": demo_root,
         "demo_images": n,
-        "wall_s": time.time() - t0,
+        "wall_s": time.time() - t0,  # this command's; reused runs took theirs earlier
+        "runs_wall_s": sum(r["wall_s"] for r in runs),
         "summary": rows,
         "runs": runs,
     }

@@ -106,4 +106,7 @@ def test_shrunk_table1_runs_and_writes_its_table(table1, ray_session, tmp_path, 
     # The same command again: both runs are finished, so nothing is trained a second time.
     again = table1.run(argv)
     assert printed.count("reusing") == 0 and capsys.readouterr().out.count("reusing the finished run") == 2
-    assert again["summary"] == result["summary"]
+    assert again["summary"] == result["summary"] and again["runs_wall_s"] == result["runs_wall_s"]
+    # Another length in the same place is not mistaken for those runs.
+    with pytest.raises(FileExistsError, match="another configuration"):
+        table1.run([*argv, "--steps", str(STEPS + 1)])
