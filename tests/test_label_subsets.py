@@ -98,3 +98,15 @@ def test_trainer_samples_by_the_subset_sizes(demo_root):
     assert epoch.count(0) == 3 and epoch.count(1) == 12
     assert [t.task_at(s) for s in range(15, 30)] == epoch
     assert all(not (x == y == 0) for x, y in zip(epoch, epoch[1:]))
+
+
+def test_extra_train_roots_are_added_after_the_subset_and_counted(demo_root):
+    """Pseudo-label roots are not labelled data: a label fraction never thins them, and the
+    `size` / `round_robin` samplers count them as the stream reads them."""
+    entry = {**task_entries(demo_root)["seg"], "label_fraction": 0.25}
+    alone = build_task("seg", entry)
+    extra = build_task("seg", {**entry, "extra_train_roots": [entry["data_root"]]})
+    n_all = len(alone.source("train").units)
+    assert train_size(alone) == round(0.25 * n_all)
+    assert train_size(extra) == round(0.25 * n_all) + n_all
+    assert train_source(extra).units[: train_size(alone)] == train_source(alone).units

@@ -93,11 +93,10 @@ class TaskStream:
         self.rank = rank
         self.world = world
         self.cfg = cfg or StreamConfig()
-        src = train_source(task)  # label_fraction < 1: a fixed subset of the units
+        src = train_source(task)  # label_fraction subset + extra train roots (pseudo-labels)
         if not src.units:
             raise ValueError(f"task {task.name!r}: the train split has no data")
-        # + extra train roots (pseudo-labels): never under a label fraction, they are not labelled data
-        self.units = src.units + task.extra_train_units(src.read)
+        self.units = src.units
         self.read = src.read
         self.rows_per_unit = src.rows_per_unit
         self.pass_idx = 0

@@ -37,9 +37,13 @@ def label_subset(units: list[Any], fraction: float, seed: int, name: str) -> lis
 
 
 def train_source(task: Task) -> DataSource:
-    """The task's train split restricted to its `label_fraction` (validation splits are never subset)."""
+    """What a task trains on: its train split restricted to its `label_fraction` (validation
+    splits are never subset), plus the units of its `extra_train_roots` (pseudo-labels: never
+    subset, they are not labelled data). The stream and the samplers' sizes both read this."""
     src = task.source("train")
     units = label_subset(src.units, task.cfg.label_fraction, task.cfg.label_seed, task.name)
+    if units:  # an empty labelled split is the stream's error to report, extra roots or not
+        units += task.extra_train_units(src.read)
     return dataclasses.replace(src, units=units)
 
 
