@@ -23,8 +23,15 @@ def ray_session():
 
     if not ray.is_initialized():
         # address="local": a new instance even if a `ray start` cluster runs on this machine
+        from gppf.runner import local_system_config
+
         ray.init(
-            address="local", num_cpus=4, include_dashboard=False, log_to_driver=True, configure_logging=False
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+            _system_config=local_system_config(),
         )
     yield ray
     ray.shutdown()

@@ -84,6 +84,19 @@ def _resolve_extra_roots(task: Task) -> None:
         task.extra_train_units(task.source("train").read)
 
 
+def local_system_config() -> dict[str, Any]:
+    """Ray settings for a Ray instance the platform starts itself (cluster.yaml sets the same).
+
+    Idle worker processes beyond `num_workers_soft_limit` (default: the CPU count) are killed
+    after a second. Each chunk of each task stream is a burst of decode tasks, so on a small node
+    the pool churned: a worker was started (importing torch and the plugins, seconds of CPU) and
+    killed again for every chunk, and per-batch sampling, whose workers all ask for the same
+    task's chunk at once, trained 1.5-2.5x slower than SIMT on 2 CPUs (docs/benchmarks.md)."""
+    if "RAY_num_workers_soft_limit" in os.environ:
+        return {}
+    return {"num_workers_soft_limit": max(8, 2 * (os.cpu_count() or 1))}
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     import ray
 
@@ -91,7 +104,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     # Inside `ray job submit` (or with RAY_ADDRESS set) this joins that cluster; otherwise it
     # starts a local instance, which is the embedded default.
-    ray.init(num_cpus=num_cpus if not os.environ.get("RAY_ADDRESS") else None, log_to_driver=True)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, log_to_driver=True, _system_config=local_system_config())
 
 
 class FinalReport(ray.train.UserCallback):
