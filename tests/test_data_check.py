@@ -68,7 +68,7 @@ def test_a_cached_check_never_carries_loss_or_sampling_weights(demo_root, tmp_pa
     root = tmp_path / "data"
     shutil.copytree(demo_root / "classification", root)
     entry = {**task_entries(demo_root)["cls_folder"], "data_root": str(root)}
-    resolve(JobConfig(tasks={"cls": {**entry, "loss_weight": float("nan"), "sampling_weight": 7.0}}))
+    resolve(JobConfig(tasks={"cls": {**entry, "loss_weight": 7.5, "sampling_weight": 7.0}}))
     again = resolve(JobConfig(tasks={"cls": entry}))
     assert counted == ["cls"]
     assert again.tasks["cls"]["loss_weight"] == 1.0 and again.tasks["cls"]["sampling_weight"] == 1.0

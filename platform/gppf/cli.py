@@ -1,4 +1,4 @@
-"""Command line shared by the job files: --data-root, --set key=value, --tasks, --resume."""
+"""Command line shared by the job files: --data-root, --set key=value, --set-file, --tasks, --resume."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from gppf.config import ConfigError, apply_overrides, to_dict
+from gppf.config import ConfigError, apply_overrides, apply_values, to_dict
 from gppf.job_config import JobConfig
 
 
@@ -42,6 +43,15 @@ def parser(description: str) -> argparse.ArgumentParser:
         help="override a config value, e.g. --set optim.lr=0.1 --set tasks.in21k.batch_size=64",
     )
     ap.add_argument(
+        "--set-file",
+        dest="set_files",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a JSON object of overrides {key: value} (e.g. a sweep's best_overrides.json), applied "
+        "before --set",
+    )
+    ap.add_argument(
         "--resume",
         default=None,
         help="a run directory (continues that run in place, from its newest checkpoint) or a "
@@ -60,6 +70,22 @@ def select_tasks(cfg: JobConfig, names: str | None) -> JobConfig:
         raise ConfigError(f"--tasks: unknown task {unknown[0]!r}; this job has {', '.join(cfg.tasks)}")
     cfg.tasks = {n: cfg.tasks[n] for n in wanted}
     return cfg
+
+
+def read_set_file(path: str | Path) -> dict[str, Any]:
+    """An override file: one JSON object of dotted keys to values."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--set-file {path} does not exist")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--set-file {path}: not JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"--set-file {path}: expected a JSON object of key: value, got {type(values).__name__}"
+        )
+    return values
 
 
 def load_config(
@@ -83,6 +109,8 @@ def load_config(
             n = max(8, args.demo_images)
             cfg = demo_config(str(generate(Path(args.demo_root).expanduser().absolute(), n, max(4, n // 4))))
         cfg = select_tasks(cfg, args.tasks)
+        for path in args.set_files:
+            cfg = apply_values(cfg, read_set_file(path), where=f"--set-file {path}:")
         return apply_overrides(cfg, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

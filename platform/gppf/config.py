@@ -112,34 +112,55 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
 
     `tasks.*.key=value` sets the key in every task entry (e.g. `--set tasks.*.batch_size=2`).
     """
-    data = to_dict(cfg)
+    values = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
+        values.append((key.strip(), parse_value(raw), f"override {item!r}"))
+    return _apply(cfg, values)
+
+
+def apply_values(cfg: T, values: dict[str, Any], where: str = "override") -> T:
+    """`apply_overrides` with typed values: {"optim.lr": 0.1, "tasks.rot": {"type": ...}} (an
+    override file, a sweep's sampled parameters). `where` names the source in errors."""
+    return _apply(cfg, [(k, v, f"{where} {k}={v!r}") for k, v in values.items()])
+
+
+def _apply(cfg: T, values: list[tuple[str, Any, str]]) -> T:
+    data = to_dict(cfg)
+    for key, value, item in values:
+        parts = key.split(".")
         if len(parts) >= 3 and parts[0] == "tasks" and parts[1] == "*":
             targets = [["tasks", name, *parts[2:]] for name in data.get("tasks", {})]
         else:
             targets = [parts]
         for path in targets:
-            _set(data, path, parse_value(raw), item)
+            _set(data, path, value, item)
     return rebuild(type(cfg), data)
 
 
 def _set(data: dict[str, Any], parts: list[str], value: Any, item: str) -> None:
     # Task entries are free-form here (the plugin's config class validates them when the task is
-    # built), so `--set tasks.in21k.crop_scale_min=0.08` may add a key the job left at its default.
+    # built), so `--set tasks.in21k.crop_scale_min=0.08` may add a key the job left at its default,
+    # and `tasks.<name>={"type": ..., ...}` adds (or replaces) a whole task.
+    if len(parts) == 2 and parts[0] == "tasks" and parts[1] != "*" and isinstance(data.get("tasks"), dict):
+        if not (isinstance(value, dict) and "type" in value):
+            raise ConfigError(
+                f"{item}: a whole task entry must be a mapping with a 'type' key, got {value!r}"
+            )
+        data["tasks"][parts[1]] = value
+        return
     free_form = len(parts) >= 3 and parts[0] == "tasks"
     node = data
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, dict) and part not in node and free_form and i >= 2:
             node[part] = {}
         if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])} in override {item!r}")
+            raise ConfigError(f"unknown key {'.'.join(parts[: i + 1])} in {item}")
         node = node[part]
     if not isinstance(node, dict) or (parts[-1] not in node and not free_form):
-        raise ConfigError(f"unknown key {'.'.join(parts)} in override {item!r}")
+        raise ConfigError(f"unknown key {'.'.join(parts)} in {item}")
     node[parts[-1]] = value
 
 

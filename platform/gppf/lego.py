@@ -47,6 +47,15 @@ class LegoConfig:
             raise ValueError(f"backbone.lego.mode must be one of {MODES}, got {self.mode!r}")
         if self.num_units < 1:
             raise ValueError(f"backbone.lego.num_units must be >= 1, got {self.num_units}")
+        if not 0 < self.tau_end <= self.tau_start:
+            raise ValueError(
+                f"backbone.lego.tau_end must be in (0, tau_start]: the Gumbel temperature decays from "
+                f"tau_start to tau_end, got tau_start={self.tau_start}, tau_end={self.tau_end}"
+            )
+        if not 0 < self.tau_decay_fraction <= 1:
+            raise ValueError(
+                f"backbone.lego.tau_decay_fraction must be in (0, 1], got {self.tau_decay_fraction}"
+            )
 
 
 def gumbel_tau(

@@ -11,11 +11,12 @@ and its class is found the first time a job names `my_task`.
 from __future__ import annotations
 
 import importlib
+import math
 from importlib import metadata
 from typing import Any
 
 from gppf.config import ConfigError, from_dict
-from gppf.task import Task
+from gppf.task import Task, TaskConfig
 
 ENTRY_POINT_GROUP = "gppf.tasks"
 
@@ -97,4 +98,17 @@ def build_task(name: str, entry: dict[str, Any]) -> Task:
     except TaskRegistryError as e:
         raise TaskRegistryError(f"tasks.{name}: {e}") from None
     cfg = from_dict(cls.config_cls, entry, where=f"tasks.{name}")
+    check_common(name, cfg)
     return cls(name, cfg)
+
+
+def check_common(name: str, cfg: TaskConfig) -> None:
+    """The fields every task has (gppf.task.TaskConfig), whatever its plugin checks besides."""
+    for key in ("loss_weight", "sampling_weight"):
+        value = getattr(cfg, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"tasks.{name}.{key} must be a finite number >= 0, got {value}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"tasks.{name}.batch_size must be >= 1, got {cfg.batch_size}")
+    if not 0 < cfg.label_fraction <= 1:
+        raise ConfigError(f"tasks.{name}.label_fraction must be in (0, 1], got {cfg.label_fraction}")
