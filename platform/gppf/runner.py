@@ -20,6 +20,7 @@ from gppf.trainer import build_tasks
 
 if TYPE_CHECKING:
     from gppf.hooks import Hook
+    from gppf.stages import StagePlan
     from gppf.task import Task
 
 
@@ -27,16 +28,7 @@ def resolve(cfg: JobConfig) -> JobConfig:
     """Check every task's data on the driver (clear errors before any worker starts) and fill in
     derived values (e.g. num_classes) so the workers and the run directory see the same config.
     A check that passed before on the same files is not redone (gppf.data_check)."""
-    from gppf.stages import StagePlan
-
-    if not cfg.tasks:
-        raise ValueError("config.tasks is empty: a job needs at least one task")
-    mt_metrics.check_tasks(cfg.metrics, cfg.tasks)  # metric names are known only at evaluation
-    tasks = build_tasks(cfg)
-    attached_tasks(tasks)  # composite-mode errors, too
-    plan = StagePlan(
-        cfg.stages, sampling_weights(tasks), cfg.train.steps, cfg.optim.warmup_steps
-    )  # stage errors (unknown task, bad weights) surface here, before any worker starts
+    tasks, plan = validate(cfg)
     cfg.train.steps = plan.total
     for key in ("model.init_from", "backbone.init_from"):
         section, name = key.split(".")
@@ -71,6 +63,20 @@ def resolve(cfg: JobConfig) -> JobConfig:
     return cfg
 
 
+def validate(cfg: JobConfig) -> tuple[list[Task], StagePlan]:
+    """The checks of `resolve` that read no data (a sweep runs them on every corner of its
+    search space): tasks build, composite attachments and stages are consistent."""
+    from gppf.stages import StagePlan
+
+    if not cfg.tasks:
+        raise ValueError("config.tasks is empty: a job needs at least one task")
+    mt_metrics.check_tasks(cfg.metrics, cfg.tasks)  # metric names are known only at evaluation
+    tasks = build_tasks(cfg)
+    attached_tasks(tasks)  # composite-mode errors, too
+    # Stage errors (unknown task, bad weights) surface here, before any worker starts.
+    return tasks, StagePlan(cfg.stages, sampling_weights(tasks), cfg.train.steps, cfg.optim.warmup_steps)
+
+
 def _resolve_extra_roots(task: Task) -> None:
     """Absolute extra train roots that exist and list train data this task reads like its own."""
     roots = []
@@ -97,7 +103,7 @@ def local_system_config() -> dict[str, Any]:
     return {"num_workers_soft_limit": max(8, 2 * (os.cpu_count() or 1))}
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     import ray
 
     if ray.is_initialized():
@@ -105,9 +111,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     # Inside `ray job submit` (or with RAY_ADDRESS set) this joins that cluster; otherwise it
     # starts a local instance, which is the embedded default.
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=log_to_driver)
     else:
-        ray.init(num_cpus=num_cpus, log_to_driver=True, _system_config=local_system_config())
+        ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver, _system_config=local_system_config())
 
 
 class FinalReport(ray.train.UserCallback):
@@ -221,7 +227,12 @@ def results_table(metrics: dict[str, Any]) -> str:
                     "-" if before is None else f"{value - before:+.2f}",
                 )
             )
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return text_table(rows)
+
+
+def text_table(rows: list[tuple[str, ...]] | list[list[str]]) -> str:
+    """Rows of strings (the first is the header) as a ruled, left-aligned text table."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = "+".join("-" * (w + 2) for w in widths)
     out = [line]
     for j, r in enumerate(rows):
