@@ -101,24 +101,13 @@ def test_set_file_errors_name_the_file(tmp_path, capsys):
     from gppf.cli import main
 
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"optim.lrr": 0.1}))
-    with pytest.raises(SystemExit):
-        main(
-            gppf_r50.__doc__,
-            gppf_r50.full_config,
-            gppf_r50.demo_config,
-            ["--set-file", str(bad), "--print-config"],
-        )
-    assert f"--set-file {bad}: optim.lrr=0.1" in capsys.readouterr().err
-    bad.write_text("{not json")
-    with pytest.raises(SystemExit):
-        main(
-            gppf_r50.__doc__,
-            gppf_r50.full_config,
-            gppf_r50.demo_config,
-            ["--set-file", str(bad), "--print-config"],
-        )
-    assert "not JSON" in capsys.readouterr().err
+    cases = ((json.dumps({"optim.lrr": 0.1}), f"--set-file {bad}: optim.lrr=0.1"), ("{x", "not JSON"))
+    for text, said in cases:
+        bad.write_text(text)
+        with pytest.raises(SystemExit):
+            argv = ["--set-file", str(bad), "--print-config"]
+            main(gppf_r50.__doc__, gppf_r50.full_config, gppf_r50.demo_config, argv)
+        assert said in capsys.readouterr().err
 
 
 class InterruptOnce(tune.Callback):
