@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ray.tune import Callback
 
 from gppf.runner import text_table
+from gppf.search_space import is_grid, is_log
 
 if TYPE_CHECKING:
     from gppf.sweep import SweepConfig
@@ -168,8 +169,6 @@ def plot(path: Path, rows: list[dict[str, Any]], space: dict[str, Any], objectiv
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gppf.sweep import is_log
-
     keys = list(space)
     cols = min(4, len(keys))
     nrows = math.ceil(len(keys) / cols)
@@ -203,9 +202,7 @@ def plot(path: Path, rows: list[dict[str, Any]], space: dict[str, Any], objectiv
 
 
 def expected_trials(space: dict[str, Any], num_samples: int) -> int:
-    from gppf.sweep import _is_grid
-
-    grid = math.prod(len(v["grid_search"]) for v in space.values() if _is_grid(v))
+    grid = math.prod(len(v["grid_search"]) for v in space.values() if is_grid(v))
     return num_samples * grid
 
 
