@@ -1,7 +1,12 @@
 """A real multi-node Ray cluster on this machine (scripts/local_cluster.py: `ray start --head` plus
-`ray start --address=...` worker nodes): `ray job submit` of the demo job succeeds, and survives a
-training worker killed by pid and then a whole worker node killed, each time resuming from the
-last checkpoint with the step counter continuing from the checkpointed step."""
+`ray start --address=...` worker nodes): `ray job submit` of the elastic demo job
+(scaling.min_workers=1, num_workers=2) succeeds through a training worker killed by pid, a node
+joining (the group grows from one worker to two) and that node lost (it shrinks back to one),
+each time resuming from the last checkpoint with the step counter continuing from the
+checkpointed step; metrics.jsonl logs the world size of every step.
+
+One job covers both fault tolerance and elasticity: each restart of a Ray Train worker group
+costs ~35 s here, and two jobs on two clusters took 7.6 minutes of the suite."""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ SCRIPT = ROOT / "scripts" / "local_cluster.py"
 pytestmark = pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="needs Linux /proc")
 PORT, DASHBOARD = 6390, 8290  # not Ray's defaults: a user's own cluster may be running
 CKPT_EVERY = 6
+SLOT = '{"trainer_slot": 1}'  # one training worker per node that has this resource
 
 
 @pytest.fixture
@@ -124,13 +130,19 @@ def _workers_without_cwd(env: dict) -> list[str]:
     return [f"{pid} {name}: {cwd}" for pid, name, cwd in _ray_processes(env) if cwd.endswith(" (deleted)")]
 
 
-def test_demo_job_survives_a_killed_worker_and_a_lost_node(cluster, tmp_path):
+def test_elastic_demo_job_survives_a_killed_worker_grows_and_loses_a_node(cluster, tmp_path):
     env, script = cluster
     runs = tmp_path / "runs"
 
     def logs() -> str:
         return "job logs (tail):\n" + _ray(env, "job", "logs", "gppf-fault")[-6000:]
 
+    def committed_after(step: int):
+        return lambda: max(committed_steps(runs), default=-1) > step
+
+    # The fixture's node 0 has no trainer slot (it runs data tasks only); node 1 has one, so the
+    # job starts with one worker of the two it asks for.
+    script("add-node", "--cpus", "2", "--resources", SLOT)
     submitted = _ray(
         env,
         "job",
@@ -150,12 +162,16 @@ def test_demo_job_survives_a_killed_worker_and_a_lost_node(cluster, tmp_path):
         *[
             a
             for s in (
-                "train.steps=32",
+                "train.steps=48",
                 f"train.checkpoint_every={CKPT_EVERY}",
                 "train.log_every=2",
                 "train.eval_at_start=false",
                 "train.eval_max_batches=1",
-                "scaling.max_failures=4",
+                "scaling.min_workers=1",
+                "scaling.num_workers=2",
+                f"scaling.resources_per_worker={SLOT}",
+                "scaling.resize_check_s=5",
+                "scaling.max_failures=6",
                 f"run_dir={runs}",
                 "data.chunk_rows=64",
                 "data.min_rows_per_pass=64",
@@ -165,49 +181,59 @@ def test_demo_job_survives_a_killed_worker_and_a_lost_node(cluster, tmp_path):
         ],
     )
     assert "gppf-fault" in submitted, submitted
+    try:
+        # 1. A training worker process dies (SIGKILL by pid) after the first checkpoint is committed.
+        _wait("a committed checkpoint", committed_after(0), diagnose=logs)
+        os.kill(_train_workers(env)[0], signal.SIGKILL)
+        first = _wait(
+            "a resumed attempt", lambda: [m for m in _lines(runs) if m["start_step"] > 0], diagnose=logs
+        )[0]
 
-    # 1. A training worker process dies (SIGKILL by pid) after the first checkpoint is committed.
-    _wait("a committed checkpoint", lambda: committed_steps(runs), diagnose=logs)
-    os.kill(_train_workers(env)[0], signal.SIGKILL)
-    first = _wait(
-        "a resumed attempt", lambda: [m for m in _lines(runs) if m["start_step"] > 0], diagnose=logs
-    )[0]
+        # 2. A node with a trainer slot joins: the group grows to two workers, from a checkpoint
+        # committed after the first resume (so every attempt has its own start step).
+        _wait("a checkpoint committed after the first resume", committed_after(first["start_step"]))
+        script("add-node", "--cpus", "2", "--resources", SLOT)  # index 2
+        grown = _wait(
+            "the group to grow to 2", lambda: [m for m in _lines(runs) if m["world_size"] == 2], diagnose=logs
+        )[0]
+        # The joining node unpacked the job's working_dir too, without pulling it from under the
+        # other nodes' workers (which would make every later import that calls os.getcwd() fail).
+        assert not _workers_without_cwd(env), _workers_without_cwd(env)
 
-    # 2. The worker node dies (every process of it, SIGKILL) once a second node has joined.
-    script("add-node", "--cpus", "2")
-    _wait(
-        "a checkpoint committed after the first resume",
-        lambda: max(committed_steps(runs), default=0) > first["start_step"],
-        diagnose=logs,
-    )
-    # The joining node unpacked the job's working_dir too, without pulling it from under node 0's
-    # workers (which would make every later import that calls os.getcwd() fail in them).
-    assert not _workers_without_cwd(env), _workers_without_cwd(env)
-    script("kill-node", "0")
-    _wait(
-        "a second resume",
-        lambda: [m for m in _lines(runs) if m["start_step"] > first["start_step"]],
-        timeout=400,
-        diagnose=logs,
-    )
-
-    status = _wait(
-        "the job to end",
-        lambda: re.search(
-            r"Job 'gppf-fault' (succeeded|failed|was stopped)", _ray(env, "job", "status", "gppf-fault")
-        ),
-        diagnose=logs,
-    )
+        # 3. That node dies (every process of it, SIGKILL): the group shrinks back to one worker.
+        _wait("a checkpoint committed on two workers", committed_after(grown["start_step"]), diagnose=logs)
+        script("kill-node", "2")
+        _wait(
+            "a resume after the node was lost",
+            lambda: [m for m in _lines(runs) if m["start_step"] > grown["start_step"]],
+            timeout=400,
+            diagnose=logs,
+        )
+        status = _wait(
+            "the job to end",
+            lambda: re.search(
+                r"Job 'gppf-fault' (succeeded|failed|was stopped)", _ray(env, "job", "status", "gppf-fault")
+            ),
+            diagnose=logs,
+        )
+    finally:
+        _ray(env, "job", "stop", "gppf-fault")
     text = _ray(env, "job", "logs", "gppf-fault")
     assert status.group(1) == "succeeded", text[-4000:]
     resumed = [int(s) for s in re.findall(r"\[gppf\] resumed from checkpoint at step (\d+)", text)]
-    assert len(resumed) >= 2 and all(s % CKPT_EVERY == 0 and s > 0 for s in resumed), resumed
+    assert len(resumed) >= 3 and all(s % CKPT_EVERY == 0 and s > 0 for s in resumed), resumed
     # The step counter continues from the checkpointed step: each attempt's first logged step
     # comes right after its start step, and the run ends at its last step with the results table.
+    lines = _lines(runs)
     attempts: dict[int, list[int]] = {}
-    for m in _lines(runs):
+    for m in lines:
         attempts.setdefault(m["start_step"], []).append(m["step"])
     for start, steps in attempts.items():
         assert steps[0] == start + 2 and steps == sorted(steps), (start, steps)
     assert sorted(attempts)[1:] == sorted(set(resumed))
-    assert re.search(r"demo_det \| box_AP", text) and "32 steps in" in text
+    assert re.search(r"demo_det \| box_AP", text) and "48 steps in" in text
+    # World sizes 1 ... 1, 2 ... 2, 1 ... 1 (the kill by pid restarts at one worker).
+    sizes = [m["world_size"] for m in lines]
+    assert [s for i, s in enumerate(sizes) if i == 0 or sizes[i - 1] != s] == [1, 2, 1], sizes
+    for m in lines:  # a 2-worker step records two task choices, a 1-worker step one
+        assert all(len(c) == m["world_size"] for c in m["task_choices"]), m
