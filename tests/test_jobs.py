@@ -52,6 +52,7 @@ def test_every_job_file_is_listed():
 @pytest.mark.parametrize("job", JOBS, ids=[p.stem for p in JOBS])
 def test_job_embedded_default_runs_and_prints_its_table(job, job_demo_root, ray_session, tmp_path, capsys):
     from gppf.cli import main
+    from gppf.terminal import is_noise
 
     mod = load_job(job)
     sets = [
@@ -76,7 +77,11 @@ def test_job_embedded_default_runs_and_prints_its_table(job, job_demo_root, ray_
     # A job with several runs (finetune.py: pretrain, then finetune) has its own `run`.
     run = getattr(mod, "run", None)
     metrics = run(argv) if run else main(mod.__doc__, mod.full_config, mod.demo_config, argv)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    # A quiet terminal (gppf.terminal): none of Ray's per-dataset or per-worker-group lines.
+    noise = [line for line in (out + captured.err).splitlines() if is_noise(line)]
+    assert not noise, noise[:5]
     tasks = set(mod.demo_config(str(job_demo_root)).tasks)
     assert metrics["step"] == STEPS and set(metrics["final_eval"]) == tasks
     # The table of the job's (last) run: step 0 and the end for every metric it evaluated.

@@ -22,6 +22,16 @@ if TYPE_CHECKING:
     from gppf.trainer import StepOutput, Trainer
 
 
+def duration(seconds: float) -> str:
+    """45s, 4m10s, 2h03m: short enough for a progress line."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def say(msg: str) -> None:
     """A progress line on the process's real stdout: Ray Train V2 patches print() to also log each
     line, which shows every progress line twice in the driver's output."""
@@ -92,6 +102,7 @@ class MetricsLogger:
         self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
         self.total = total_steps
         self.t0 = time.time()
+        self.first: tuple[float, int] | None = None  # (time, step) of this attempt's first window
 
     def log(self, m: dict[str, Any]) -> None:
         step = m["step"]
@@ -109,7 +120,7 @@ class MetricsLogger:
             say(
                 f"[gppf] step {step}/{self.total} {losses} lr={m['lr']:.4f} "
                 f"data_wait={100 * m['data_wait_fraction']:.1f}% step={m['step_time_s'] * 1000:.0f}ms "
-                f"elapsed={time.time() - self.t0:.0f}s"
+                f"elapsed={duration(time.time() - self.t0)} eta={duration(self.eta(step, m['step_time_s']))}"
             )
         if m.get("eval"):
             for task, metrics in m["eval"].items():
@@ -120,6 +131,16 @@ class MetricsLogger:
                 for task, metrics in m["eval"].items()
             )
             say(f"[gppf] eval at step {step}: {shown}")
+
+    def eta(self, step: int, step_time_s: float) -> float:
+        """Seconds to the last step at the rate since this attempt's first window (which holds
+        the start-up, so it is left out), or at the first window's step time before there is one."""
+        now = time.time()
+        if self.first is None:
+            self.first = (now, step)
+        t, s = self.first
+        rate = (now - t) / (step - s) if step > s else step_time_s
+        return max(self.total - step, 0) * rate
 
     def add_image(self, tag: str, path: Path, step: int) -> None:
         import numpy as np

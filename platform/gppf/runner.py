@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray.train
 
-from gppf import data_check, finetune, mt_metrics
+from gppf import data_check, finetune, mt_metrics, terminal
 from gppf.composite import attached_tasks, sampling_weights
 from gppf.config import to_dict
 from gppf.job_config import JobConfig
@@ -103,17 +103,20 @@ def local_system_config() -> dict[str, Any]:
     return {"num_workers_soft_limit": max(8, 2 * (os.cpu_count() or 1))}
 
 
-def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
+def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> str | None:
+    """Start or join Ray (once per process) with a quiet terminal (gppf.terminal); returns the
+    directory of Ray's log files, which keep every worker's full output."""
     import ray
 
-    if ray.is_initialized():
-        return
-    # Inside `ray job submit` (or with RAY_ADDRESS set) this joins that cluster; otherwise it
-    # starts a local instance, which is the embedded default.
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=log_to_driver)
-    else:
-        ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver, _system_config=local_system_config())
+    if not ray.is_initialized():
+        terminal.quiet_ray_logging()
+        # Inside `ray job submit` (or with RAY_ADDRESS set) this joins that cluster; otherwise it
+        # starts a local instance, which is the embedded default.
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=log_to_driver)
+        else:
+            ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver, _system_config=local_system_config())
+    return terminal.quiet_worker_logs()
 
 
 class FinalReport(ray.train.UserCallback):
@@ -176,7 +179,9 @@ def fit(
     final_report.unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     print(f"[gppf] run directory {out}", flush=True)
-    ensure_ray()
+    logs = ensure_ray()
+    if logs:
+        print(f"[gppf] Ray's own messages (dataset executions, worker groups) go to {logs}", flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(cfg), "resume_from": resume_from, "hooks": hooks},
