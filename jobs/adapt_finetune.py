@@ -107,7 +107,7 @@ def _from(start: dict[str, float], key: str) -> str:
 def run(argv: list[str] | None = None) -> dict:
     args = cli.parser(__doc__).parse_args(argv)
     cfg = cli.load_config(args, full_config, demo_config)
-    if args.data_root or args.print_config:
+    if args.data_root or args.print_config or args.plan:
         return cli.main(__doc__, full_config, demo_config, argv)
     init = cfg.backbone.init_from  # the demo with a backbone of your own: no pretraining
     if not init:

@@ -86,7 +86,7 @@ def demo_config(demo_root: str) -> JobConfig:
 def run(argv: list[str] | None = None) -> dict:
     args = cli.parser(__doc__).parse_args(argv)
     cfg = cli.load_config(args, full_config, demo_config)
-    if args.data_root or cfg.finetune.checkpoint or args.print_config:
+    if args.data_root or cfg.finetune.checkpoint or args.print_config or args.plan:
         return cli.main(__doc__, full_config, demo_config, argv)
     # The embedded demo: pretrain, then finetune from that checkpoint both ways.
     pretrained = cli.run(cli.load_config(args, full_config, pretrain_config))

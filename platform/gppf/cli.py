@@ -58,6 +58,19 @@ def parser(description: str) -> argparse.ArgumentParser:
         "checkpoint directory (a new run continues from it)",
     )
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument(
+        "--plan",
+        action="store_true",
+        help="measure one forward+backward of every task on this machine, print the per-task table "
+        "and the expected SIMT step time and idle fraction, suggest batch sizes, and exit",
+    )
+    ap.add_argument(
+        "--plan-memory-gb",
+        type=float,
+        default=None,
+        help="--plan: memory cap per worker (default: 90%% of the GPU, or of the free RAM shared "
+        "by the workers)",
+    )
     return ap
 
 
@@ -143,4 +156,8 @@ def main(
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=2))
         return {}
+    if args.plan:
+        from gppf.plan import plan
+
+        return {"plan": plan(cfg, args.plan_memory_gb)}
     return run(cfg, args.resume)
