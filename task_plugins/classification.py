@@ -178,12 +178,13 @@ class ClassificationTask(Task):
             import pyarrow.parquet as pq
 
             files = sorted(str(f) for f in d.glob("*.parquet"))
-            rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+            counts = {f: pq.ParquetFile(f).metadata.num_rows for f in files}
             cols = [self.cfg.image_column, self.cfg.label_column]
             return DataSource(
                 units=files,
                 read=lambda units: ray.data.read_parquet(units).select_columns(cols),
-                rows_per_unit=max(1, rows // max(1, len(files))),
+                rows_per_unit=max(1, sum(counts.values()) // max(1, len(files))),  # the mean
+                unit_rows=counts.__getitem__,
             )
         train = self._split_dir("train")
         classes = _class_names(train) if train.is_dir() else []

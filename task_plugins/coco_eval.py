@@ -1,4 +1,8 @@
-"""COCO box and mask AP: detections in COCO's result format, scored by pycocotools' COCOeval."""
+"""COCO box and mask AP: detections in COCO's result format, scored by COCOeval.
+
+Two scorers give the same numbers (tests/test_coco_eval.py): faster-coco-eval's C++ COCOeval (the
+default: an Objects365-sized split scores many times faster) and pycocotools' (the reference, and
+`tasks.<name>.coco_eval: pycocotools` selects it)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
+from gppf.eval_group import eval_group
 from gppf.task import Evaluator
 
 
@@ -64,18 +69,40 @@ def _quiet() -> Iterator[None]:
         builtins.print = saved
 
 
+SCORERS = ("faster_coco_eval", "pycocotools")
+
+
+def _scorer(name: str) -> tuple[type, type]:
+    if name == "faster_coco_eval":
+        from faster_coco_eval import COCO as FasterCOCO
+        from faster_coco_eval import COCOeval_faster
+
+        # Its summary goes through `print_function`, which it takes as an argument.
+        return FasterCOCO, lambda gt, dt, iou: COCOeval_faster(
+            gt, dt, iou, print_function=lambda *a, **k: None
+        )
+    if name == "pycocotools":
+        return COCO, COCOeval
+    raise ValueError(f"unknown COCO scorer {name!r}; one of {', '.join(SCORERS)}")
+
+
 def coco_ap(
-    gt: dict, results: list[dict], iou_types: tuple[str, ...], image_ids: list[int] | None = None
+    gt: dict,
+    results: list[dict],
+    iou_types: tuple[str, ...],
+    image_ids: list[int] | None = None,
+    scorer: str = "faster_coco_eval",
 ) -> dict[str, float]:
     """COCOeval's AP and AP50 (in %) for each IoU type; 0 when there are no detections.
 
     `image_ids`: the images the model was run on (all of `gt` when None). A capped evaluation
     (`train.eval_max_batches`) must be scored on those only: every other image's objects would
-    count as missed."""
+    count as missed. `scorer`: one of SCORERS."""
     out: dict[str, float] = {}
     prefix = {"bbox": "box", "segm": "mask"}
-    with _quiet():  # COCOeval prints its whole summary
-        coco_gt = COCO()
+    coco_cls, eval_cls = _scorer(scorer)
+    with _quiet():  # pycocotools' COCOeval prints its whole summary
+        coco_gt = coco_cls()
         coco_gt.dataset = gt
         coco_gt.createIndex()
         coco_dt = coco_gt.loadRes(results) if results else None
@@ -83,7 +110,7 @@ def coco_ap(
             if coco_dt is None:
                 stats = np.zeros(12)
             else:
-                ev = COCOeval(coco_gt, coco_dt, iou_type)
+                ev = eval_cls(coco_gt, coco_dt, iou_type)
                 if image_ids is not None:
                     ev.params.imgIds = sorted(set(image_ids))
                 ev.evaluate()
@@ -100,8 +127,9 @@ class CocoEvaluator(Evaluator):
 
     primary = "box_AP"
 
-    def __init__(self, gt: dict, label_to_category: list[int], masks: bool):
+    def __init__(self, gt: dict, label_to_category: list[int], masks: bool, scorer: str = "faster_coco_eval"):
         self.gt = gt
+        self.scorer = scorer
         self.label_to_category = label_to_category
         self.iou_types = ("bbox", "segm") if masks else ("bbox",)
         self.results: list[dict] = []
@@ -122,19 +150,21 @@ class CocoEvaluator(Evaluator):
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
         # Only rank 0 receives the detections (an all-gather would copy all of them to every rank),
-        # evaluates (COCOeval of a large split takes minutes), and broadcasts the numbers.
+        # evaluates (COCOeval of a large split takes minutes), and broadcasts the numbers; the
+        # others wait on the evaluation group, under its longer timeout (gppf.eval_group).
+        group = eval_group()
         rank0 = dist.get_rank() == 0
         gathered: list[Any] | None = [None] * dist.get_world_size() if rank0 else None
-        dist.gather_object((self.image_ids, self.results), gathered, dst=0)
+        dist.gather_object((self.image_ids, self.results), gathered, dst=0, group=group)
         box: list[Any] = [None]
         if rank0:
             self.image_ids = [i for ids, _ in gathered for i in ids]
             self.results = [r for _, part in gathered for r in part]
-            box = [coco_ap(self.gt, self.results, self.iou_types, self.image_ids)]
-        dist.broadcast_object_list(box, src=0)
+            box = [coco_ap(self.gt, self.results, self.iou_types, self.image_ids, self.scorer)]
+        dist.broadcast_object_list(box, src=0, group=group)
         self.metrics = box[0]
 
     def compute(self) -> dict[str, float]:
         if self.metrics is None:
-            self.metrics = coco_ap(self.gt, self.results, self.iou_types, self.image_ids)
+            self.metrics = coco_ap(self.gt, self.results, self.iou_types, self.image_ids, self.scorer)
         return self.metrics

@@ -32,12 +32,13 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
+from gppf.config import ConfigError
 from gppf.data.images import IMAGENET_MEAN, IMAGENET_STD, BadSampleError, open_image, sample_rng
 from gppf.data.stream import items_dataset
 from gppf.registry import register_task
 from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
 from task_plugins.coco_data import CocoIndex, load_coco
-from task_plugins.coco_eval import CocoEvaluator, detections_to_coco
+from task_plugins.coco_eval import SCORERS, CocoEvaluator, detections_to_coco
 from task_plugins.pseudo_label_formats import coco_document, confident_annotations, link_image
 from task_plugins.rcnn import RCNNConfig, RCNNHead
 
@@ -60,6 +61,7 @@ class DetectionConfig(TaskConfig):
     max_instances: int = 100  # per training image after augmentation; more are dropped at random
     lsj_scale: tuple[float, float] = (0.1, 2.0)
     copy_paste: float = 0.5  # probability that an image receives the objects of another (masks only)
+    coco_eval: str = "faster_coco_eval"  # the COCOeval: faster_coco_eval (C++) or pycocotools
     head: RCNNConfig = field(default_factory=RCNNConfig)
 
 
@@ -118,6 +120,10 @@ class DetectionTask(Task):
 
     def __init__(self, name: str, cfg: DetectionConfig):
         super().__init__(name, cfg)
+        if cfg.coco_eval not in SCORERS:
+            raise ConfigError(
+                f"tasks.{name}.coco_eval must be one of {', '.join(SCORERS)}, got {cfg.coco_eval!r}"
+            )
         self._index: dict[str, CocoIndex] = {}
 
     def __getstate__(self) -> dict:  # Ray ships the task to every decode task: not the index
@@ -365,4 +371,4 @@ class DetectionTask(Task):
 
     def evaluator(self) -> Evaluator:
         idx = self.index("val")
-        return CocoEvaluator(idx.gt, idx.label_to_category, self.cfg.masks)
+        return CocoEvaluator(idx.gt, idx.label_to_category, self.cfg.masks, self.cfg.coco_eval)

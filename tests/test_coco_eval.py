@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,9 @@ def test_platform_ap_equals_cocoeval(demo_root):
     assert 20 < ref["box_AP"] < 95 and 20 < ref["mask_AP"] < 95, ref
 
     idx = load_coco(ann, demo_root / "detection" / "val2017", "det")
-    assert coco_ap(idx.gt, results, ("bbox", "segm")) == ref
+    assert coco_ap(idx.gt, results, ("bbox", "segm"), scorer="pycocotools") == ref
+    fast = coco_ap(idx.gt, results, ("bbox", "segm"))  # faster-coco-eval, the default
+    assert fast.keys() == ref.keys() and all(abs(fast[k] - ref[k]) < 1e-4 for k in ref), (fast, ref)
 
     # Box AP through the evaluator: outputs in input pixels at a per-image scale, mapped back.
     label_of = {c: i for i, c in enumerate(idx.label_to_category)}
@@ -131,7 +134,19 @@ def test_pasted_mask_lands_in_its_box():
     assert 9 <= xs.min() <= 10 and 29 <= xs.max() <= 30 and 4 <= ys.min() <= 5 and 14 <= ys.max() <= 15
 
 
-def _rank_eval(rank: int, world: int, ann: str, image_dir: str) -> dict:
+def _rank_eval(rank: int, world: int, ann: str, image_dir: str, score_delay_s: float = 0.0) -> dict:
+    if score_delay_s:  # rank 0 scores slowly (a large split): the others wait in a collective
+        import task_plugins.coco_eval as coco_eval
+        from gppf.eval_group import init_eval_group
+
+        init_eval_group(timeout_s=60)
+        scored = coco_eval.coco_ap
+
+        def slow_coco_ap(*args, **kwargs):
+            time.sleep(score_delay_s)
+            return scored(*args, **kwargs)
+
+        coco_eval.coco_ap = slow_coco_ap
     idx = load_coco(ann, image_dir, "det")
     results = _predictions(Path(ann))
     label_of = {c: i for i, c in enumerate(idx.label_to_category)}
@@ -156,6 +171,16 @@ def test_distributed_evaluation_equals_single_process(demo_root):
     per_rank = run_distributed(_rank_eval, 2, str(ann), str(demo_root / "detection" / "val2017"))
     for got in per_rank:
         assert abs(got["box_AP"] - ref["box_AP"]) < 1e-6
+
+
+def test_ranks_wait_for_a_slow_rank_0_under_the_evaluation_timeout(demo_root):
+    """The training group times out after 2 s here; rank 0 scores for 5 s. The other rank waits on
+    the evaluation group (60 s) and gets the numbers."""
+    ann = demo_root / "detection" / "annotations" / "instances_val2017.json"
+    ref = _reference(ann, _predictions(ann))
+    args = (str(ann), str(demo_root / "detection" / "val2017"), 5.0)
+    for got in run_distributed(_rank_eval, 2, *args, pg_timeout_s=2):
+        assert abs(got["box_AP"] - ref["box_AP"]) < 1e-4
 
 
 def test_capped_evaluation_scores_only_the_images_it_ran(demo_root):

@@ -45,6 +45,8 @@ class TrainConfig:
     bucket_mb: float = 25.0
     torch_threads: int = 0  # 0 = cores / workers on this node
     collective_timeout_s: int = 1800  # a hung collective becomes an error after this long
+    # Evaluation's collectives (gppf.eval_group): the other ranks wait while rank 0 scores COCO.
+    eval_timeout_s: int = 4 * 3600
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:

@@ -21,13 +21,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
+def _entry(rank: int, world: int, port: int, out_dir: str, fn, args, pg_timeout_s: float = 60.0) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=pg_timeout_s))
     try:
         result = ("ok", fn(rank, world, *args))
     except BaseException:  # report, don't hang the others silently
@@ -36,12 +36,16 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
     dist.destroy_process_group()
 
 
-def run_distributed(fn, world: int, *args, timeout: float = 120.0) -> list:
-    """fn(rank, world, *args) in `world` processes; returns the per-rank results (raises on error/hang)."""
+def run_distributed(fn, world: int, *args, timeout: float = 120.0, pg_timeout_s: float = 60.0) -> list:
+    """fn(rank, world, *args) in `world` processes; returns the per-rank results (raises on error/hang).
+    pg_timeout_s: the default process group's collective timeout."""
     port = _free_port()
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_entry, args=(r, world, port, out_dir, fn, args)) for r in range(world)]
+        procs = [
+            ctx.Process(target=_entry, args=(r, world, port, out_dir, fn, args, pg_timeout_s))
+            for r in range(world)
+        ]
         for p in procs:
             p.start()
         for p in procs:

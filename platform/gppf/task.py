@@ -67,7 +67,11 @@ class DataSource:
 
     units: list[Any]
     read: Callable[[list[Any]], Any]  # list of units -> ray.data.Dataset of raw records
-    rows_per_unit: int = 1
+    rows_per_unit: int = 1  # rows `read` yields per unit (exactly, unless unit_rows is given)
+    # Units of different sizes (Parquet files): the exact rows of each, so a resumed stream can
+    # skip whole chunks by arithmetic instead of decoding them. An unknown unit (KeyError) makes
+    # the stream decode its way to the resume position instead.
+    unit_rows: Callable[[Any], int] | None = None
 
 
 class Evaluator:

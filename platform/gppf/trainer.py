@@ -26,6 +26,7 @@ from gppf.checkpoint import LoadReport, load_weights, read_weights
 from gppf.composite import attached_tasks, sampling_weights
 from gppf.data.stream import TaskStream, eval_batches
 from gppf.data.subsets import train_size
+from gppf.eval_group import init_eval_group
 from gppf.job_config import JobConfig
 from gppf.model import MultiTaskModel
 from gppf.neck import build_neck
@@ -92,6 +93,7 @@ class Trainer:
         self.cfg = cfg
         self.device = device
         self.rank, self.world = world()
+        init_eval_group(cfg.train.eval_timeout_s)
         self.tasks = tasks if tasks is not None else build_tasks(cfg)
         self.plan = StagePlan(
             cfg.stages,

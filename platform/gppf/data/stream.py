@@ -99,6 +99,7 @@ class TaskStream:
         self.units = src.units
         self.read = src.read
         self.rows_per_unit = src.rows_per_unit
+        self.unit_rows = src.unit_rows
         self.pass_idx = 0
         self.taken = 0  # batches the trainer has taken from the current pass
         self._queue: queue.Queue | None = None
@@ -149,9 +150,14 @@ class TaskStream:
         pool = ThreadPoolExecutor(1, thread_name_prefix=f"gppf-chunk-{self.task.name}")
         try:
             plan = self._chunks(pass_idx)
-            ahead = pool.submit(materialize, *plan[0])
+            # A resumed stream starts at the chunk that holds its next batch: the whole chunks
+            # before it are skipped by counting their rows, not by decoding them.
+            first, seen = self._resume_chunk(plan, skip)
+            if first == len(plan):  # the pass was used up exactly: start the next one
+                pass_idx, skip, seen, first, plan = pass_idx + 1, 0, 0, 0, self._chunks(pass_idx + 1)
+            ahead = pool.submit(materialize, *plan[first])
             while not stop.is_set():
-                for i in range(len(plan)):
+                for i in range(first, len(plan)):
                     current = ahead.result()
                     if i + 1 < len(plan):
                         ahead = pool.submit(materialize, *plan[i + 1])
@@ -177,11 +183,33 @@ class TaskStream:
                         f"epoch, or each file is batched on its own); lower "
                         f"tasks.{self.task.name}.batch_size or add data"
                     )
-                pass_idx, skip, seen, plan = pass_idx + 1, 0, 0, plan_next
+                pass_idx, skip, seen, first, plan = pass_idx + 1, 0, 0, 0, plan_next
         except BaseException as e:  # hand it to the trainer, which raises it with the task's name
             put(e)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # let a running materialize finish
+
+    def _rows(self, units: list[Any]) -> int | None:
+        """Rows `read` yields for these units; None when a unit's count is unknown."""
+        if self.unit_rows is None:
+            return len(units) * self.rows_per_unit
+        try:
+            return sum(self.unit_rows(u) for u in units)
+        except KeyError:
+            return None
+
+    def _resume_chunk(self, plan: list[tuple[int, int, list[Any]]], skip: int) -> tuple[int, int]:
+        """(index of the chunk holding batch skip + 1 of the pass, batches in the chunks before it).
+        Each chunk yields rows // batch_size batches (drop_last), whatever its local shuffle."""
+        seen = 0
+        for i, (_, _, units) in enumerate(plan):
+            rows = self._rows(units)
+            if rows is None:  # unknown: decode from here on
+                return i, seen
+            if seen + rows // self.task.cfg.batch_size > skip:
+                return i, seen
+            seen += rows // self.task.cfg.batch_size
+        return len(plan), seen
 
     def _chunks(self, pass_idx: int) -> list[tuple[int, int, list[Any]]]:
         """A pass as (pass, augmentation seed, units) chunks of ~chunk_rows rows (whole batches).
