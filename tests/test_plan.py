@@ -50,12 +50,14 @@ def test_suggested_batches_even_the_times_out_within_the_memory_cap():
     assert capped["cls"] == int(fast.memory_line.solve(1.5e8)) == 50
 
 
-def test_plan_on_the_demo_prints_every_task_and_the_simt_estimate(demo_root, ray_session, capsys):
+def test_plan_on_the_demo_prints_every_task_and_the_simt_estimate(tmp_path, ray_session, capsys):
     from gppf.cli import main
     from tests.test_jobs import ALL_JOBS, load_job
 
     mod = load_job(next(p for p in ALL_JOBS if p.stem == "gppf_r50"))
-    out = main(mod.__doc__, mod.full_config, mod.demo_config, ["--demo-root", str(demo_root), "--plan"])
+    # Its own small demo data: the job's --demo-images would rewrite the session's shared demo_root.
+    argv = ["--demo-root", str(tmp_path / "demo"), "--demo-images", "32", "--plan"]
+    out = main(mod.__doc__, mod.full_config, mod.demo_config, argv)
     text = capsys.readouterr().out
     assert out["plan"] in text
     for task in ("demo_cls", "demo_det", "demo_seg"):
