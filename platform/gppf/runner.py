@@ -103,16 +103,6 @@ def local_system_config() -> dict[str, Any]:
     return {"num_workers_soft_limit": max(8, 2 * (os.cpu_count() or 1))}
 
 
-def local_train_settings() -> None:
-    """Ray Train settings for a Ray instance the platform starts itself; they reach Ray Train's
-    controller through the environment its processes inherit, so this runs before ray.init.
-
-    The controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and
-    moves on (workers started, training finished) only at a poll: on a local instance a run spent
-    ~7 s of every start and end waiting for polls (a 2-step demo run: 27 s, 20 s at 0.5 s)."""
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-
-
 def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> str | None:
     """Start or join Ray (once per process) with a quiet terminal (gppf.terminal); returns the
     directory of Ray's log files, which keep every worker's full output."""
@@ -125,7 +115,6 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> str |
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=log_to_driver)
         else:
-            local_train_settings()
             ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver, _system_config=local_system_config())
     return terminal.quiet_worker_logs()
 
