@@ -224,16 +224,21 @@ def test_elastic_demo_job_survives_a_killed_worker_grows_and_loses_a_node(cluste
     assert len(resumed) >= 3 and all(s % CKPT_EVERY == 0 and s > 0 for s in resumed), resumed
     # The step counter continues from the checkpointed step: each attempt's first logged step
     # comes right after its start step, and the run ends at its last step with the results table.
+    # A node killed after the last checkpoint (step 48) was reported leaves an attempt that only
+    # evaluates: it logs its evaluation at step 48 and no training window.
     lines = _lines(runs)
     attempts: dict[int, list[int]] = {}
     for m in lines:
-        attempts.setdefault(m["start_step"], []).append(m["step"])
+        attempts.setdefault(m["start_step"], [])
+        if "step_time_s" in m:  # a training window (not the final evaluation)
+            attempts[m["start_step"]].append(m["step"])
     for start, steps in attempts.items():
-        assert steps[0] == start + 2 and steps == sorted(steps), (start, steps)
+        only_evaluates = start == 48 and not steps
+        assert only_evaluates or (steps[:1] == [start + 2] and steps == sorted(steps)), (start, steps)
     assert sorted(attempts)[1:] == sorted(set(resumed))
     assert re.search(r"demo_det \| box_AP", text) and "48 steps in" in text
     # World sizes 1 ... 1, 2 ... 2, 1 ... 1 (the kill by pid restarts at one worker).
     sizes = [m["world_size"] for m in lines]
     assert [s for i, s in enumerate(sizes) if i == 0 or sizes[i - 1] != s] == [1, 2, 1], sizes
     for m in lines:  # a 2-worker step records two task choices, a 1-worker step one
-        assert all(len(c) == m["world_size"] for c in m["task_choices"]), m
+        assert all(len(c) == m["world_size"] for c in m.get("task_choices", [])), m
