@@ -18,7 +18,10 @@ P3: the fraction of step time the demo run's workers waited for data, from its m
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -71,6 +74,13 @@ def _p1_rank(rank: int, world: int, backbone: str, batch: int, size: int, steps:
     }
     w = Trainer(cfg, torch.device("cpu"), tasks)
     w.streams["cls"] = _FixedStream(data)
+    # The platform's default on CPU sends the gradients after backward; "on" overlaps them.
+    w_overlap = Trainer(
+        dataclasses.replace(cfg, train=TrainConfig(steps=10_000, overlap_allreduce="on")),
+        torch.device("cpu"),
+        tasks,
+    )
+    w_overlap.streams["cls"] = _FixedStream(data)
 
     def hand_loop(cross_bn: bool):
         torch.manual_seed(0)
@@ -88,7 +98,12 @@ def _p1_rank(rank: int, world: int, backbone: str, batch: int, size: int, steps:
         return step
 
     # Interleave the three so that drifts of a noisy machine hit them alike.
-    fns = {"platform": w.train_step, "ddp_local_bn": hand_loop(False), "ddp_cross_bn": hand_loop(True)}
+    fns = {
+        "platform": w.train_step,
+        "platform_overlap": w_overlap.train_step,
+        "ddp_local_bn": hand_loop(False),
+        "ddp_cross_bn": hand_loop(True),
+    }
     times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(steps + 3):
         for k, fn in fns.items():
@@ -139,36 +154,46 @@ def _p2_rank(rank: int, world: int, backbone: str, repeats: int) -> dict:
     t_masked = _median_time(masked, repeats)
     t_ddp_style = _median_time(ddp_style, repeats)
 
-    # The communication share of a real DDP step: with sync minus no_sync().
-    ddp = nn.parallel.DistributedDataParallel(model)
+    # What each exchange adds to a real forward + backward, the steps interleaved (a noisy machine
+    # drifts alike for all) with one compute thread per worker, as the trainer sets it: the
+    # masked allreduce overlapped with backward (the trainer's default) and after it, and DDP's
+    # (with sync - under no_sync()), each minus the same step with no exchange.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     x = torch.randn(2, 3, 64, 64)
+    overlapped = MaskedAllReduce(params, overlap=True)
+    ddp = nn.parallel.DistributedDataParallel(model)
 
-    def ddp_step(sync: bool):
-        def run():
-            ctx = ddp.no_sync() if not sync else _null()
-            with ctx:
-                sum(f.mean() for f in ddp(x)).backward()
-            model.zero_grad(set_to_none=True)
+    def step(mode: str) -> None:
+        with ddp.no_sync() if mode == "ddp_no_sync" else contextlib.nullcontext():
+            loss = sum(f.mean() for f in (ddp if mode.startswith("ddp") else model)(x))
+            if mode == "overlap":
+                overlapped.start(loss, torch.zeros(9))
+            loss.backward()
+            if mode == "overlap":
+                overlapped.finish()
+            elif mode == "after":
+                reducer.reduce(torch.zeros(9))
+        model.zero_grad(set_to_none=True)
 
-        return run
-
-    t_sync = _median_time(ddp_step(True), repeats)
-    t_nosync = _median_time(ddp_step(False), repeats)
+    times: dict[str, list[float]] = {m: [] for m in ("none", "overlap", "after", "ddp", "ddp_no_sync")}
+    for i in range(repeats + 3):
+        for mode in times:
+            dist.barrier()
+            t0 = time.perf_counter()
+            step(mode)
+            if i >= 3:
+                times[mode].append(time.perf_counter() - t0)
+    t = {m: statistics.median(v) for m, v in times.items()}
+    overlapped.close()
     dist.barrier()
     return {
         "masked": t_masked,
         "ddp_style": t_ddp_style,
-        "ddp_comm": t_sync - t_nosync,
+        "ddp_comm": t["ddp"] - t["ddp_no_sync"],
+        "step_overlap": t["overlap"] - t["none"],
+        "step_after": t["after"] - t["none"],
         "numel": sum(p.numel() for p in params),
     }
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def p1(args) -> None:
@@ -177,10 +202,17 @@ def p1(args) -> None:
     res = run_distributed(_p1_rank, 2, args.backbone, args.batch, args.size, args.steps, timeout=1800)
     r = {k: max(x[k] for x in res) for k in res[0]}
     print(f"P1 ({args.backbone}, batch {args.batch}, {args.size}px, 2 gloo workers, median of {args.steps})")
-    print(f"  platform SIMT step            {r['platform'] * 1000:8.1f} ms")
-    for key, label in (("ddp_local_bn", "local BN"), ("ddp_cross_bn", "cross BN")):
-        ratio = r["platform"] / r[key]
-        print(f"  hand-written DDP, {label}    {r[key] * 1000:8.1f} ms  ratio {ratio:.3f}")
+    for key, label in (
+        ("ddp_cross_bn", "hand-written DDP, cross BN"),
+        ("ddp_local_bn", "hand-written DDP, local BN"),
+    ):
+        print(f"  {label:<38} {r[key] * 1000:8.1f} ms")
+    for key, label in (
+        ("platform", "platform SIMT step (CPU default: after)"),
+        ("platform_overlap", "platform, allreduce overlapped"),
+    ):
+        cross, local = r[key] / r["ddp_cross_bn"], r[key] / r["ddp_local_bn"]
+        print(f"  {label:<38} {r[key] * 1000:8.1f} ms  P1 {cross:.3f}  P1' {local:.3f}")
 
 
 def p2(args) -> None:
@@ -189,13 +221,17 @@ def p2(args) -> None:
     res = run_distributed(_p2_rank, 2, args.backbone, args.repeats, timeout=1800)
     r = {k: max(x[k] for x in res) for k in res[0]}
     print(f"P2 ({args.backbone}, {r['numel'] / 1e6:.1f} M params, 2 gloo workers, median of {args.repeats})")
-    print(f"  masked allreduce              {r['masked'] * 1000:8.1f} ms")
+    print(f"  masked allreduce              {r['masked'] * 1000:8.1f} ms  (gradients given, after backward)")
     for key, label in (
         ("ddp_style", "DDP-style bucketed allreduce"),
         ("ddp_comm", "DDP step, sync - no_sync  "),
     ):
         ratio = r["masked"] / max(r[key], 1e-9)
         print(f"  {label}  {r[key] * 1000:8.1f} ms  ratio {ratio:.3f}")
+    # P2': what each exchange adds to a real backward, against what DDP's adds to its own.
+    for key, label in (("step_after", "after backward"), ("step_overlap", "overlapped    ")):
+        ratio = r[key] / max(r["ddp_comm"], 1e-9)
+        print(f"  step cost, masked {label}  {r[key] * 1000:8.1f} ms  ratio to DDP's {ratio:.3f}")
 
 
 def p3(args) -> None:

@@ -58,7 +58,7 @@ def test_task_trains_one_step_and_evaluates(name, demo_root, ray_session):
 
 
 def test_randaugment_posterize_at_the_top_magnitude(demo_root):
-    """"inc1" posterize keeps 0 bits at magnitude 10 (m9 with noise gets there): a black image, as
+    """ "inc1" posterize keeps 0 bits at magnitude 10 (m9 with noise gets there): a black image, as
     older Pillow gave; Pillow 12+ raises ValueError for 0 bits inside timm."""
     from PIL import Image
 

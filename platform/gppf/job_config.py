@@ -43,6 +43,11 @@ class TrainConfig:
     eval_max_batches: int = 0  # per task and worker; 0 = the whole validation split
     export_routes: bool = False  # lego: write each task's arg-max route (route_<task>.pt) at the end
     bucket_mb: float = 25.0
+    # "on": send each gradient bucket during backward as soon as it is final (gppf.allreduce), as
+    # DDP does; "off": one exchange after backward. "auto": on with GPUs, where the network and
+    # the GPU work side by side; off on CPU, where gloo's reductions compete with backward for the
+    # same cores and overlapping measured ~10 % slower (docs/benchmarks.md, P2').
+    overlap_allreduce: str = "auto"
     torch_threads: int = 0  # 0 = cores / workers on this node
     collective_timeout_s: int = 1800  # a hung collective becomes an error after this long
     # Evaluation's collectives (gppf.eval_group): the other ranks wait while rank 0 scores COCO.
@@ -65,6 +70,10 @@ class TrainConfig:
                 stacklevel=2,
             )
             self.sampler, self.per_batch_sampling = "per_batch", False  # saved configs use the new key
+        if self.overlap_allreduce not in ("auto", "on", "off"):
+            raise ConfigError(
+                f"config.train.overlap_allreduce must be auto, on or off, got {self.overlap_allreduce!r}"
+            )
         if self.log_every < 1:
             raise ConfigError(f"config.train.log_every must be >= 1, got {self.log_every}")
         if self.eval_every < 0:

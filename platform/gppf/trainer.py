@@ -15,6 +15,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -94,6 +95,13 @@ class Trainer:
         self.device = device
         self.rank, self.world = world()
         init_eval_group(cfg.train.eval_timeout_s)
+        # The gradient buckets have their own group: sent from backward hooks, they would otherwise
+        # interleave with cross-task BN's backward collectives in a different order on each rank.
+        timeout = timedelta(seconds=cfg.train.collective_timeout_s)
+        self.grad_group = dist.new_group(timeout=timeout) if self.world > 1 else None
+        self.reducer: MaskedAllReduce | None = None
+        mode = cfg.train.overlap_allreduce
+        self.overlap = mode == "on" or (mode == "auto" and device.type == "cuda")
         self.tasks = tasks if tasks is not None else build_tasks(cfg)
         self.plan = StagePlan(
             cfg.stages,
@@ -188,7 +196,11 @@ class Trainer:
         training = [p for p in self.model.parameters() if p.requires_grad]
         if not training:
             raise ValueError(f"stages[{index}] ({stage.name}) freezes every parameter: nothing would train")
-        self.reducer = MaskedAllReduce(training, self.cfg.train.bucket_mb)
+        if self.reducer is not None:
+            self.reducer.close()
+        self.reducer = MaskedAllReduce(
+            training, self.cfg.train.bucket_mb, self.grad_group, overlap=self.overlap
+        )
         self.frozen = frozen_modules(self.model, frozen)
         self.stage_index = index
         self.set_train_mode()
@@ -234,10 +246,18 @@ class Trainer:
         with self.autocast():
             outs, tie = self.forward(parts, batches)
             losses = self.losses(parts, outs, batches)
-        loss = sum(losses)
-        (self.scaler.scale(loss + tie) if self.scaler else loss + tie).backward()
+        loss = sum(losses) + tie
         self._record(parts, losses, batches, wait)
-        summed, _ = self.reducer.reduce(self.payload.build(self.device))  # the payload rides along
+        extra = self.payload.build(self.device)  # the payload rides along in the last bucket
+        if self.scaler:
+            loss = self.scaler.scale(loss)
+        if self.overlap:  # buckets go out during backward
+            self.reducer.start(loss, extra)
+            loss.backward()
+            summed, _ = self.reducer.finish()
+        else:
+            loss.backward()
+            summed, _ = self.reducer.reduce(extra)
         stats = summed.cpu()
         self._raise_if_nonfinite(stats)
         self._sync_heads(summed)
@@ -271,10 +291,10 @@ class Trainer:
     def _record(self, parts: list[int], losses: list[torch.Tensor], batches: list[dict], wait: float) -> None:
         p = self.payload
         for i, loss, batch in zip(parts, losses, batches):
-            loss = loss.detach()
-            finite = bool(torch.isfinite(loss))
-            p.add("nonfinite", i, 0.0 if finite else 1.0)
-            p.add("loss", i, loss.float() if finite else 0.0)
+            loss = loss.detach().float()
+            finite = torch.isfinite(loss)  # a tensor: no host sync before backward
+            p.add("nonfinite", i, (~finite).float())
+            p.add("loss", i, torch.where(finite, loss, torch.zeros_like(loss)))
             p.add("steps", i, 1.0)
             p.add("samples", i, batch[self.tasks[i].input_key()].shape[0])
             head = self.synced.get(self.tasks[i].name)
