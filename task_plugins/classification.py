@@ -26,6 +26,7 @@ from gppf.data.images import (
     random_resized_crop_box,
     sample_rng,
     to_chw,
+    to_chw_uint8,
 )
 from gppf.data.stream import items_dataset
 from gppf.registry import register_task
@@ -223,7 +224,9 @@ class ClassificationTask(Task):
             srcs = list(batch[self.cfg.image_column])
             names = [f"Parquet row with {len(s)}-byte image" for s in srcs]
             labels = batch[self.cfg.label_column]
-        images = np.empty((len(srcs), 3, size, size), dtype=np.float32)
+        # uint8 through the object store (normalised on the device), except with Random Erasing:
+        # timm erases with normal noise in normalised space.
+        images = np.empty((len(srcs), 3, size, size), dtype=np.uint8 if erase is None else np.float32)
         for i, (src, name) in enumerate(zip(srcs, names)):
             label = int(labels[i])
             if not 0 <= label < self.cfg.num_classes:
@@ -245,7 +248,7 @@ class ClassificationTask(Task):
                     img = augment(img)
             else:
                 img = img.resize((size, size), Image.BILINEAR, box=center_crop_box(*img.size))
-            images[i] = to_chw(img)
+            images[i] = to_chw_uint8(img) if erase is None else to_chw(img)
             if erase is not None:
                 images[i] = erase(torch.from_numpy(images[i])).numpy()
         return {"image": images, "label": np.asarray(labels, dtype=np.int64)}

@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from gppf.data.images import BadSampleError, open_image, sample_rng, to_chw
+from gppf.data.images import BadSampleError, open_image, sample_rng, to_chw_uint8
 from gppf.data.stream import items_dataset
 from gppf.registry import register_task
 from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
@@ -268,7 +268,7 @@ class DepthTask(Task):
     def preprocess(self, batch: dict[str, np.ndarray], train: bool, seed: int) -> dict[str, np.ndarray]:
         size = self.cfg.input_size
         n = len(batch["image"])
-        images = np.empty((n, 3, size, size), dtype=np.float32)
+        images = np.empty((n, 3, size, size), dtype=np.uint8)
         depths = np.empty((n, size, size), dtype=np.float32)
         for i in range(n):
             ipath, dpath = str(batch["image"][i]), str(batch["depth"][i])
@@ -283,7 +283,7 @@ class DepthTask(Task):
             if train and rng.random() < 0.5:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
                 depth = depth.transpose(Image.FLIP_LEFT_RIGHT)
-            images[i] = to_chw(img)
+            images[i] = to_chw_uint8(img)
             depths[i] = np.asarray(depth, dtype=np.float32)
         return {"image": images, "depth": depths}
 

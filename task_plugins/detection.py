@@ -33,7 +33,7 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
 from gppf.config import ConfigError
-from gppf.data.images import IMAGENET_MEAN, IMAGENET_STD, BadSampleError, open_image, sample_rng
+from gppf.data.images import IMAGENET_MEAN, BadSampleError, open_image, sample_rng
 from gppf.data.stream import items_dataset
 from gppf.registry import register_task
 from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
@@ -65,10 +65,8 @@ class DetectionConfig(TaskConfig):
     head: RCNNConfig = field(default_factory=RCNNConfig)
 
 
-_MEAN = torch.from_numpy(IMAGENET_MEAN)[:, None, None]
-_STD = torch.from_numpy(IMAGENET_STD)[:, None, None]
-# LSJ pads small crops with the mean colour, which normalises to 0: the value evaluation pads
-# with (and torchvision's and detectron2's detectors pad with), so padding looks the same to the model.
+# LSJ pads small crops with the mean colour, which normalises to ~0 on the device (what torchvision's
+# and detectron2's detectors pad with); evaluation pads with it too, so padding looks the same to the model.
 _PAD_FILL = {tv_tensors.Image: tuple(int(round(255 * float(m))) for m in IMAGENET_MEAN), tv_tensors.Mask: 0}
 
 
@@ -261,7 +259,7 @@ class DetectionTask(Task):
     def _pack(self, images, boxes, labels, masks, batch, seed) -> dict[str, np.ndarray]:
         s, n, m_max = self.cfg.input_size, len(images), self.cfg.max_instances
         out = {
-            "image": np.empty((n, 3, s, s), dtype=np.float32),
+            "image": np.empty((n, 3, s, s), dtype=np.uint8),
             "boxes": np.zeros((n, m_max, 4), dtype=np.float32),
             "labels": np.full((n, m_max), -1, dtype=np.int64),
             "size": np.full((n, 2), s, dtype=np.int64),
@@ -269,7 +267,7 @@ class DetectionTask(Task):
         if self.cfg.masks:
             out["masks"] = np.zeros((n, m_max, s * s // 8), dtype=np.uint8)
         for i in range(n):
-            out["image"][i] = ((images[i].float() / 255.0 - _MEAN) / _STD).numpy()
+            out["image"][i] = images[i].numpy()
             b = boxes[i]
             wh = b[:, 2:] - b[:, :2]
             keep = torch.nonzero((wh >= 1).all(1)).flatten()
@@ -286,7 +284,7 @@ class DetectionTask(Task):
     def _eval_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         s, n = self.cfg.input_size, len(batch["path"])
         out = {
-            "image": np.zeros((n, 3, s, s), dtype=np.float32),
+            "image": np.empty((n, 3, s, s), dtype=np.uint8),
             "size": np.zeros((n, 2), dtype=np.int64),
             "scale": np.zeros(n, dtype=np.float32),
             "image_id": np.asarray(batch["image_id"], dtype=np.int64),
@@ -298,7 +296,8 @@ class DetectionTask(Task):
             scale = s / max(h, w)  # longer side to input_size, then pad: the LSJ evaluation setting
             nh, nw = min(s, round(h * scale)), min(s, round(w * scale))
             img = v2.functional.resize(img, [nh, nw], antialias=True)
-            out["image"][i, :, :nh, :nw] = ((img.float() / 255.0 - _MEAN) / _STD).numpy()
+            out["image"][i] = np.asarray(_PAD_FILL[tv_tensors.Image], dtype=np.uint8)[:, None, None]
+            out["image"][i, :, :nh, :nw] = img.numpy()
             out["size"][i] = (nh, nw)
             out["scale"][i] = scale
             out["orig_size"][i] = (h, w)

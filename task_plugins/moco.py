@@ -223,13 +223,16 @@ class MoCoTask(SSLTask):
     cfg: MoCoConfig
     head_cls = MoCoHead
 
+    def image_keys(self) -> tuple[str, ...]:
+        return ("image", "key")
+
     def preprocess(self, batch: dict[str, np.ndarray], train: bool, seed: int) -> dict[str, np.ndarray]:
         size, key_size = self.cfg.input_size, self.cfg.key_size or self.cfg.input_size
         tq, tk = view_transform(self.cfg, size), view_transform(self.cfg, key_size)
         n = len(batch["image"])
         out = {
-            "image": np.empty((n, 3, size, size), dtype=np.float32),
-            "key": np.empty((n, 3, key_size, key_size), dtype=np.float32),
+            "image": np.empty((n, 3, size, size), dtype=np.uint8),
+            "key": np.empty((n, 3, key_size, key_size), dtype=np.uint8),
         }
         for i in range(n):
             path = str(batch["image"][i])

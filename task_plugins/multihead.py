@@ -35,7 +35,7 @@ from PIL import Image
 from torch import nn
 
 from gppf.config import ConfigError
-from gppf.data.images import BadSampleError, open_image, sample_rng, to_chw
+from gppf.data.images import BadSampleError, open_image, sample_rng, to_chw_uint8
 from gppf.data.stream import items_dataset
 from gppf.registry import build_task, register_task
 from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
@@ -248,7 +248,7 @@ class MultiHeadTask(Task):
         ignores and flagged by `has_<h>` = False."""
         size = self.cfg.input_size
         n = len(batch["image"])
-        out: dict[str, np.ndarray] = {"image": np.empty((n, 3, size, size), dtype=np.float32)}
+        out: dict[str, np.ndarray] = {"image": np.empty((n, 3, size, size), dtype=np.uint8)}
         for h, sub in self.subs.items():
             kind = self.kinds[h]
             out[f"label_{h}"] = np.full((n, size, size), kind.missing(sub), dtype=kind.dtype)
@@ -261,7 +261,7 @@ class MultiHeadTask(Task):
                 rng = sample_rng(seed, ipath)
                 box = crop_box(rng, *img.size, tuple(self.cfg.crop_scale))
                 flip = bool(rng.random() < 0.5)
-            out["image"][i] = to_chw(_geometry(img, size, box, flip, Image.BILINEAR))
+            out["image"][i] = to_chw_uint8(_geometry(img, size, box, flip, Image.BILINEAR))
             for h, sub in self.subs.items():
                 path = str(batch[f"label_{h}"][i])
                 if not path:

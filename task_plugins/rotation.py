@@ -59,7 +59,7 @@ class RotationTask(SSLTask):
         size = self.cfg.input_size
         t = view_transform(self.cfg, size)
         n = len(batch["image"])
-        images = np.empty((n, 3, size, size), dtype=np.float32)
+        images = np.empty((n, 3, size, size), dtype=np.uint8)
         labels = np.empty(n, dtype=np.int64)
         for i in range(n):
             path = str(batch["image"][i])

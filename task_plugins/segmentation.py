@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from gppf.data.images import BadSampleError, open_image, random_resized_crop_box, sample_rng, to_chw
+from gppf.data.images import BadSampleError, open_image, random_resized_crop_box, sample_rng, to_chw_uint8
 from gppf.data.stream import items_dataset
 from gppf.registry import register_task
 from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
@@ -151,6 +151,19 @@ class SegmentationTask(Task):
     config_cls = SegmentationConfig
     cfg: SegmentationConfig
 
+    def _mask_dtype(self) -> type:
+        """The smallest integer type holding every class id and the ignore index: masks travel
+        through the object store in it (int64 masks outweighed the uint8 images 8 to 3) and
+        become int64 on the device (`to_device`), as cross_entropy wants."""
+        top = max(self.cfg.num_classes - 1, self.cfg.ignore_index)
+        return np.uint8 if top <= 255 else np.int16 if top <= 32767 else np.int32
+
+    def to_device(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        out = super().to_device(batch, device)
+        if "mask" in out:
+            out["mask"] = out["mask"].long()
+        return out
+
     def _dirs(self, split: str) -> tuple[Path, Path]:
         root = Path(self.cfg.data_root)
         if split == "train":
@@ -212,8 +225,8 @@ class SegmentationTask(Task):
     def preprocess(self, batch: dict[str, np.ndarray], train: bool, seed: int) -> dict[str, np.ndarray]:
         size = self.cfg.input_size
         n = len(batch["image"])
-        images = np.empty((n, 3, size, size), dtype=np.float32)
-        masks = np.empty((n, size, size), dtype=np.int64)
+        images = np.empty((n, 3, size, size), dtype=np.uint8)
+        masks = np.empty((n, size, size), dtype=self._mask_dtype())
         for i in range(n):
             ipath, lpath = str(batch["image"][i]), str(batch["label"][i])
             img = open_image(ipath, self.name, f"image {ipath}")
@@ -229,20 +242,20 @@ class SegmentationTask(Task):
             else:
                 img = img.resize((size, size), Image.BILINEAR)
                 lbl = lbl.resize((size, size), Image.NEAREST)
-            images[i] = to_chw(img)
-            masks[i] = np.asarray(lbl, dtype=np.int64)
+            images[i] = to_chw_uint8(img)
+            masks[i] = np.asarray(lbl)
         return {"image": images, "mask": masks}
 
     # -- pseudo-labels: image + label PNG (class id where the teacher is confident, else ignore) --
     def pseudo_inputs(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         size, n = self.cfg.input_size, len(batch["path"])
-        images = np.empty((n, 3, size, size), dtype=np.float32)
+        images = np.empty((n, 3, size, size), dtype=np.uint8)
         orig = np.empty((n, 2), dtype=np.int64)
         for i in range(n):
             path = str(batch["path"][i])
             img = open_image(path, self.name, f"image {path}")
             orig[i] = (img.height, img.width)
-            images[i] = to_chw(img.resize((size, size), Image.BILINEAR))  # as evaluation resizes
+            images[i] = to_chw_uint8(img.resize((size, size), Image.BILINEAR))  # as evaluation resizes
         return {"image": images, "orig_size": orig, "path": np.asarray(batch["path"])}
 
     def write_pseudo_labels(

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from gppf.data.images import open_image, sample_rng, to_chw
+from gppf.data.images import open_image, sample_rng, to_chw_uint8
 from gppf.data.stream import items_dataset
 from gppf.task import DataSource, Evaluator, Task, TaskConfig
 
@@ -115,7 +115,8 @@ class SSLTask(Task):
 
 
 def chw(img: Image.Image) -> np.ndarray:
-    return to_chw(img)
+    """uint8 CHW (normalised on the device: Task.to_device)."""
+    return to_chw_uint8(img)
 
 
 class Top1Evaluator(Evaluator):

@@ -51,7 +51,8 @@ def _batch(task, n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     """A real preprocessed training batch of `task` (its own `pre`, no Ray)."""
     units = task.source("train").units[:n]
     raw = {k: np.array([u[k] for u in units]) for k in units[0]}
-    return {k: torch.from_numpy(v) for k, v in task.preprocess(raw, train=True, seed=seed).items()}
+    batch = {k: torch.from_numpy(v) for k, v in task.preprocess(raw, train=True, seed=seed).items()}
+    return task.to_device(batch, torch.device("cpu"))  # uint8 images normalised, as the trainer does
 
 
 def _trainer(cfg: JobConfig) -> Trainer:

@@ -7,6 +7,7 @@ import torch
 
 import task_plugins  # noqa: F401
 from gppf.cross_bn import CrossTaskBatchNorm2d
+from gppf.data.images import normalize_images
 from gppf.registry import build_task
 from task_plugins.detection import copy_paste
 from task_plugins.rcnn import unpack_masks
@@ -113,6 +114,9 @@ def test_training_and_evaluation_pad_alike(demo_root):
     train = task.preprocess(_batch(task), train=True, seed=0)["image"]
     val_units = task.source("val").units[:2]
     val = task.preprocess({k: np.array([u[k] for u in val_units]) for k in val_units[0]}, train=False, seed=0)
+    assert train.dtype == val["image"].dtype == np.uint8  # normalised on the device
+    train = normalize_images(torch.from_numpy(train)).numpy()
+    val["image"] = normalize_images(torch.from_numpy(val["image"])).numpy()
     # The demo images are 128 px or less: at scale 0.3 each fills under 40x40 px of the 96x96 crop.
     at_zero = (np.abs(train) < 0.02).all(axis=1).mean(axis=(1, 2))
     assert (at_zero > 0.75).all() and (at_zero < 0.95).all(), at_zero

@@ -36,7 +36,7 @@ def test_task_trains_one_step_and_evaluates(name, demo_root, ray_session):
     stream = TaskStream(task, seed=0, rank=0, world=1, cfg=StreamConfig(min_rows_per_pass=16))
     batch, _ = stream.next()
     assert batch["image"].shape == (task.cfg.batch_size, 3, task.cfg.input_size, task.cfg.input_size)
-    batch = task.train_batch(batch, np.random.default_rng(0))
+    batch = task.train_batch(task.to_device(batch, torch.device("cpu")), np.random.default_rng(0))
     out, tie = model(batch["image"], name, batch)
     loss = task.loss(out, batch)
     assert math.isfinite(loss.item())
@@ -51,6 +51,7 @@ def test_task_trains_one_step_and_evaluates(name, demo_root, ray_session):
     ev = task.evaluator()
     with torch.no_grad():
         for b in eval_batches(task, 0, 1):
+            b = task.to_device(b, torch.device("cpu"))
             ev.update(model(b["image"], name, b)[0], b)
     ev.synchronize(torch.device("cpu"))
     metrics = ev.compute()

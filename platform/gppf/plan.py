@@ -109,7 +109,7 @@ def _cut(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
 def _measure(trainer: Trainer, parts: list[int], batches: list[dict]) -> tuple[float, float]:
     """(seconds, peak bytes) of one forward + backward of the step that samples parts[0]."""
     device = trainer.device
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    batches = [trainer.tasks[i].to_device(b, device) for i, b in zip(parts, batches)]
     rng = np.random.default_rng([trainer.cfg.train.seed, 0, 0, 11])
     batches = [trainer.tasks[i].train_batch(b, rng) for i, b in zip(parts, batches)]
     saved: dict[tuple[int, int], int] = {}

@@ -93,11 +93,14 @@ class Labeller:
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = self.task.pseudo_inputs(batch)
-        tensors = {
-            k: torch.from_numpy(v).to(self.device)
-            for k, v in inputs.items()
-            if isinstance(v, np.ndarray) and v.dtype != object
-        }
+        tensors = self.task.to_device(
+            {
+                k: torch.from_numpy(v)
+                for k, v in inputs.items()
+                if isinstance(v, np.ndarray) and v.dtype != object
+            },
+            self.device,
+        )
         outputs, _ = self.model(tensors[self.task.input_key()], self.task.name, tensors)
         records = self.task.write_pseudo_labels(outputs, inputs, self.out, self.cfg)
         return {

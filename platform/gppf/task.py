@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gppf.config import ConfigError
+from gppf.data.images import normalize_images
 
 if TYPE_CHECKING:
     from gppf.pseudo_labels import PseudoLabelConfig
@@ -147,6 +148,19 @@ class Task:
 
     def input_key(self) -> str:
         return "image"
+
+    def image_keys(self) -> tuple[str, ...]:
+        """Batch keys holding images; uint8 ones are normalised on the device (`to_device`)."""
+        return (self.input_key(),)
+
+    def to_device(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """The batch on `device`, its uint8 images normalised there (`pre` ships them as uint8:
+        a quarter of the object-store bytes and of the host-to-device copy)."""
+        out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        for k in self.image_keys():
+            if k in out:
+                out[k] = normalize_images(out[k])
+        return out
 
     # -- extra training data ----------------------------------------------------------------
     def extra_train_units(self, read: Callable[[list[Any]], Any]) -> list[Any]:

@@ -235,7 +235,7 @@ class Trainer:
         batches, wait = [], 0.0
         for i in parts:
             batch, waited = self.stream(self.tasks[i]).next()
-            batches.append({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+            batches.append(self.tasks[i].to_device(batch, self.device))
             wait += waited
         # Every random draw of this step (dropout, RPN/RoI sampling, Mixup, Gumbel noise) is a
         # function of (seed, step, rank), so a run resumed from a checkpoint repeats it exactly.
@@ -346,7 +346,7 @@ class Trainer:
         for task in self.tasks:
             ev = task.evaluator()
             for batch in eval_batches(task, self.rank, self.world, self.cfg.data, max_batches):
-                batch = {k: v.to(self.device) for k, v in batch.items()}
+                batch = task.to_device(batch, self.device)
                 with self.autocast():
                     out, _ = self.model(batch[task.input_key()], task.name, batch)
                 ev.update(out.float() if torch.is_tensor(out) else out, batch)
