@@ -56,7 +56,17 @@ def test_plan_on_the_demo_prints_every_task_and_the_simt_estimate(tmp_path, ray_
 
     mod = load_job(next(p for p in ALL_JOBS if p.stem == "gppf_r50"))
     # Its own small demo data: the job's --demo-images would rewrite the session's shared demo_root.
-    argv = ["--demo-root", str(tmp_path / "demo"), "--demo-images", "32", "--plan"]
+    # A memory cap no batch of 3 or more fits in: each such task is measured at batch 2 and scaled,
+    # and the planner says so.
+    argv = [
+        "--demo-root",
+        str(tmp_path / "demo"),
+        "--demo-images",
+        "32",
+        "--plan",
+        "--plan-memory-gb",
+        "0.0001",
+    ]
     out = main(mod.__doc__, mod.full_config, mod.demo_config, argv)
     text = capsys.readouterr().out
     assert out["plan"] in text
@@ -64,6 +74,11 @@ def test_plan_on_the_demo_prints_every_task_and_the_simt_estimate(tmp_path, ray_
         row = re.search(rf"\n {task}\s*\| ([\d.]+)\s*\| (\d+)\s*\| (\d+)\s*\| (\d+)\s*\| ([\d.]+)", text)
         assert row, text
         weight, batch, ms, mb, images = row.groups()
+        if int(batch) > 2:
+            assert re.search(
+                rf"plan: {task} at batch {batch} would need ~[\d.]+ GB, over the memory cap", text
+            )
+            assert re.search(rf"\n {task}\s*\|.*\| measured at batch 2, scaled \(memory cap\)", text), text
         assert (
             int(ms) > 0
             and int(mb) > 0

@@ -175,6 +175,12 @@ def measure(cfg: JobConfig, memory_cap: float | None = None, say=print) -> tuple
         run = size
         if size > probe and m_probe * size / probe > cap:  # linear in batch: would not fit
             run = max(probe, int(cap / m_probe * probe))
+            need = m_probe * size / probe / 2**30
+            say(
+                f"[gppf] plan: {task.name} at batch {size} would need ~{need:.1f} GB, "
+                f"over the memory cap of {cap / 2**30:.1f} GB per worker (--plan-memory-gb): measuring "
+                f"batch {run} and scaling its time and memory to {size}"
+            )
         if run > probe:
             t_run, m_run = _measure(trainer, parts, [_cut(b, run) for b in full])
         else:
@@ -222,7 +228,7 @@ def report(plans: list[TaskPlan], world: int, device: str, cap: float) -> str:
                 str(p.batch),
                 f"{1000 * p.seconds:.0f}",
                 f"{p.memory / 2**20:.0f}",
-                f"{p.images_per_s:.1f}",
+                f"{p.images_per_s:.1f}" if p.images_per_s >= 1 else f"{p.images_per_s:.3f}",
                 note,
             )
         )

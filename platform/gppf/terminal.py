@@ -43,7 +43,11 @@ NOISE = re.compile(
     )
 )
 # Ray's own driver-side messages that say nothing actionable to a platform user.
-DRIVER_NOISE = re.compile(r"Token authentication is enabled for this Ray cluster")
+DRIVER_NOISE = re.compile(
+    r"Token authentication is enabled for this Ray cluster|Progress bars disabled\. To enable"
+)
+# The loggers that emit them (a logger's filters apply to its own records only).
+DRIVER_LOGGERS = ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress")
 
 
 def is_noise(line: str) -> bool:
@@ -59,10 +63,10 @@ def quiet_ray_logging() -> None:
     """Before ray.init: drop Ray's driver-side notices that are noise (idempotent)."""
     if os.environ.get("GPPF_VERBOSE_RAY"):
         return
-    # A logger's filters apply to its own records only, so this is the emitting module's logger.
-    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    if not any(isinstance(f, _DriverFilter) for f in logger.filters):
-        logger.addFilter(_DriverFilter())
+    for name in DRIVER_LOGGERS:  # Ray Data's runs in the driver when it reads data itself (--plan)
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DriverFilter) for f in logger.filters):
+            logger.addFilter(_DriverFilter())
 
 
 def quiet_worker_logs() -> str | None:
