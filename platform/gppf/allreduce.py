@@ -118,11 +118,12 @@ class MaskedAllReduce:
         each used parameter's `.grad` is then a view into its bucket's reduced buffer (no copy
         back); `zero_grad(set_to_none=True)` releases it before the next step."""
         self.armed = False
-        if self.error:
-            raise RuntimeError(self.error)
         while self.sent < len(self.buckets):
             self._send(self.sent)
-        return self._complete()
+        out = self._complete()  # every rank completes the same collectives, even on the error below
+        if self.error:
+            raise RuntimeError(self.error)
+        return out
 
     def reduce(self, extra: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The whole exchange after backward (no overlap). Same results as start/finish."""
