@@ -34,7 +34,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "platform"), str(Path(
 from gppf_r50 import demo_config as r50_demo  # noqa: E402
 from gppf_r50 import demo_detection_task  # noqa: E402
 
-from gppf import cli  # noqa: E402
+from gppf import cli, storage  # noqa: E402
 from gppf.backbone import BackboneConfig  # noqa: E402
 from gppf.job_config import FinetuneConfig, JobConfig, OptimConfig, ScalingConfig, TrainConfig  # noqa: E402
 
@@ -45,7 +45,7 @@ def full_config(data_root: str) -> JobConfig:
         tasks={
             "voc": {
                 "type": "detection",
-                "data_root": str(Path(data_root) / "voc"),
+                "data_root": str(storage.path(data_root) / "voc"),
                 "batch_size": 2,
                 "masks": False,
                 "train_images": "JPEGImages",
@@ -74,7 +74,7 @@ def demo_config(demo_root: str) -> JobConfig:
     """Finetuning the demo detection task; finetune.checkpoint is the pretraining's."""
     return JobConfig(
         name="finetune_demo",
-        tasks={"demo_det": demo_detection_task(Path(demo_root))},
+        tasks={"demo_det": demo_detection_task(storage.path(demo_root))},
         backbone=BackboneConfig(name="resnet18"),  # replaced by the checkpoint's
         finetune=FinetuneConfig(mode="dynamic"),
         optim=OptimConfig(name="sgd", lr=0.02, momentum=0.9, weight_decay=1e-4, warmup_steps=30),

@@ -27,10 +27,12 @@ sys.path[:0] = [
     str(Path(__file__).resolve().parents[1]),
 ]
 
+from gppf import storage  # noqa: E402
 from gppf.backbone import BackboneConfig  # noqa: E402
 from gppf.cli import main  # noqa: E402
 from gppf.job_config import JobConfig, OptimConfig, ScalingConfig, TrainConfig  # noqa: E402
 from gppf.lego import LegoConfig  # noqa: E402
+from gppf.storage import UriPath  # noqa: E402
 
 # COCO-Stuff 164k label PNGs hold 0-based ids 0..181 (255 = unlabeled); these 11 COCO thing ids
 # are unused, and the other 171 map to contiguous classes (as MMSegmentation's conversion does).
@@ -70,7 +72,7 @@ def full_config(data_root: str) -> JobConfig:
     coco_stuff/images/{train2017,val2017}/*.jpg, coco_stuff/annotations/{train2017,val2017}/*.png
     VOCdevkit/VOC2012/{JPEGImages,SegmentationClassAug}, .../ImageSets/Segmentation/{train_aug,val}.txt
     """
-    root = Path(data_root)
+    root = storage.path(data_root)
     coco_layout = {"type": "detection", "sampling_weight": 2.5, "batch_size": 8}
     return JobConfig(
         name="gppf_r50",
@@ -160,7 +162,7 @@ def full_config(data_root: str) -> JobConfig:
     )
 
 
-def demo_detection_task(root: Path) -> dict:
+def demo_detection_task(root: Path | UriPath) -> dict:
     """Mask R-CNN on the demo shapes: small images, so anchors start at 8 px and the head is narrow."""
     return {
         "type": "detection",
@@ -186,7 +188,7 @@ def demo_detection_task(root: Path) -> dict:
 
 def demo_config(demo_root: str) -> JobConfig:
     """The embedded default: same code path, tiny model and data, about five minutes on 2 CPUs."""
-    root = Path(demo_root)
+    root = storage.path(demo_root)
     return JobConfig(
         name="gppf_r50_demo",
         tasks={

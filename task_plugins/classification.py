@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 from torch import nn
 from torch.nn import functional as F
 
+from gppf import storage
 from gppf.data.images import (
     BadSampleError,
     center_crop_box,
@@ -99,7 +100,7 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
 
 
 def _class_names(root: Path) -> list[str]:
-    return sorted(d.name for d in root.iterdir() if d.is_dir())
+    return storage.subdirs(root)
 
 
 def _list_imagefolder(root: Path, classes: list[str], task: str) -> list[dict]:
@@ -123,7 +124,7 @@ class ClassificationTask(Task):
 
     def _split_dir(self, split: str) -> Path:
         name = self.cfg.train_split if split == "train" else self.cfg.val_split
-        return Path(self.cfg.data_root) / name
+        return storage.path(self.cfg.data_root) / name
 
     def _format(self) -> str:
         if self.cfg.format != "auto":
@@ -163,27 +164,21 @@ class ClassificationTask(Task):
     def _infer_num_classes(self) -> int:
         if self._format() == "imagefolder":
             return len(_class_names(self._split_dir("train")))
-        import pyarrow.parquet as pq
-
         top = 0
-        for f in sorted(self._split_dir("train").glob("*.parquet")):
-            col = pq.read_table(f, columns=[self.cfg.label_column]).column(0)
+        for f in sorted(self._split_dir("train").glob("*.parquet"), key=str):
+            col = storage.parquet_file(f).read(columns=[self.cfg.label_column]).column(0)
             top = max(top, int(np.max(col.to_numpy())) + 1)
         return top
 
     def source(self, split: str) -> DataSource:
-        import ray.data
-
         d = self._split_dir(split)
         if self._format() == "parquet":
-            import pyarrow.parquet as pq
-
             files = sorted(str(f) for f in d.glob("*.parquet"))
-            counts = {f: pq.ParquetFile(f).metadata.num_rows for f in files}
+            counts = {f: storage.parquet_file(f).metadata.num_rows for f in files}
             cols = [self.cfg.image_column, self.cfg.label_column]
             return DataSource(
                 units=files,
-                read=lambda units: ray.data.read_parquet(units).select_columns(cols),
+                read=lambda units: storage.read_parquet(units).select_columns(cols),
                 rows_per_unit=max(1, sum(counts.values()) // max(1, len(files))),  # the mean
                 unit_rows=counts.__getitem__,
             )

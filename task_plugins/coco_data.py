@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gppf import storage
+
 
 class CocoFormatError(ValueError):
     """A COCO annotation file that cannot be used; the message names the file and the record."""
@@ -107,7 +109,7 @@ def load_coco(
     `keep_gt=False` (a training split) leaves `CocoIndex.gt` without annotations: only evaluation
     needs that second copy, which for Objects365 is millions of records. `path_components` > 0
     keeps only the last that many components of each image's file name (or URL; 2 for URLs)."""
-    path = Path(ann_file)
+    path = storage.path(ann_file)
     if not path.is_file():
         raise FileNotFoundError(f"task {task!r}: annotation file {path} does not exist")
     try:
@@ -139,7 +141,7 @@ def load_coco(
                 raise CocoFormatError(f"{path}: images[{i}] repeats image id {img['id']}")
             images[int(img["id"])] = {
                 "image_id": int(img["id"]),
-                "path": str(Path(image_dir) / name),
+                "path": str(storage.path(image_dir) / name),
                 "height": int(img["height"]),
                 "width": int(img["width"]),
                 "anns": [],

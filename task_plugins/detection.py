@@ -32,6 +32,7 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
+from gppf import storage
 from gppf.config import ConfigError
 from gppf.data.images import IMAGENET_MEAN, BadSampleError, open_image, sample_rng
 from gppf.data.stream import items_dataset
@@ -130,7 +131,7 @@ class DetectionTask(Task):
     def index(self, split: str) -> CocoIndex:
         if split not in self._index:
             cfg = self.cfg
-            root = Path(cfg.data_root)
+            root = storage.path(cfg.data_root)
             ann = cfg.train_annotations if split == "train" else cfg.val_annotations
             images = cfg.train_images if split == "train" else cfg.val_images
             self._index[split] = load_coco(
@@ -159,15 +160,16 @@ class DetectionTask(Task):
             raise ValueError(
                 f"tasks.{self.name}.input_size must be a multiple of 32, got {self.cfg.input_size}"
             )
-        root = Path(self.cfg.data_root)
+        root = storage.path(self.cfg.data_root)
         for split, images in (("train", self.cfg.train_images), ("val", self.cfg.val_images)):
             if not (root / images).is_dir():
                 raise FileNotFoundError(
                     f"task {self.name!r}: {split} image directory {root / images} does not exist"
                 )
             idx = self.index(split)
+            missing = set(storage.missing([img["path"] for img in idx.images]))
             for img in idx.images:
-                if not Path(img["path"]).is_file():
+                if img["path"] in missing:
                     raise FileNotFoundError(
                         f"task {self.name!r}: image id {img['image_id']} of the {split} annotations has no "
                         f"file {img['path']}"
@@ -316,7 +318,7 @@ class DetectionTask(Task):
         paths = [str(p) for p in batch["path"]]
         sizes = []
         for path in paths:
-            with Image.open(path) as img:  # the header only: _eval_batch decodes
+            with Image.open(storage.open_input(path)) as img:  # the header only: _eval_batch decodes
                 sizes.append(img.size)
         records = {
             "path": np.asarray(paths, dtype=object),

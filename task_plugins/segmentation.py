@@ -22,6 +22,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
+from gppf import storage
 from gppf.data.images import BadSampleError, open_image, random_resized_crop_box, sample_rng, to_chw_uint8
 from gppf.data.stream import items_dataset
 from gppf.registry import register_task
@@ -31,6 +32,7 @@ from task_plugins.upernet import UperNetWithAux
 
 if TYPE_CHECKING:
     from gppf.pseudo_labels import PseudoLabelConfig
+    from gppf.storage import UriPath
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
 
@@ -61,7 +63,7 @@ def match_size(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def paired_files(
-    task: str, data_root: str, img_dir: Path, other_dir: Path, listing: str, key: str
+    task: str, data_root: str, img_dir: Path | UriPath, other_dir: Path | UriPath, listing: str, key: str
 ) -> list[dict]:
     """One split's items `{"image": <image>, key: other_dir/<stem>.png}`: every image of `img_dir`,
     or the stems a list file names (`listing`, relative to `data_root`; VOC's lists hold one stem
@@ -71,7 +73,7 @@ def paired_files(
     if not listing:
         images = [f for f in sorted(img_dir.iterdir()) if f.suffix in IMAGE_EXTS]
     else:
-        path = Path(data_root) / listing
+        path = storage.path(data_root) / listing
         if not path.is_file():
             raise FileNotFoundError(f"task {task!r}: image list {path} does not exist")
         stems = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
@@ -164,8 +166,8 @@ class SegmentationTask(Task):
             out["mask"] = out["mask"].long()
         return out
 
-    def _dirs(self, split: str) -> tuple[Path, Path]:
-        root = Path(self.cfg.data_root)
+    def _dirs(self, split: str) -> tuple[Path | UriPath, Path | UriPath]:
+        root = storage.path(self.cfg.data_root)
         if split == "train":
             return root / self.cfg.train_images, root / self.cfg.train_labels
         return root / self.cfg.val_images, root / self.cfg.val_labels
@@ -188,7 +190,7 @@ class SegmentationTask(Task):
                 raise FileNotFoundError(f"task {self.name!r}: {split} image directory {d} does not exist")
             if not pairs:
                 raise FileNotFoundError(f"task {self.name!r}: {split} image directory {d} holds no images")
-            missing = [p["label"] for p in pairs if not Path(p["label"]).is_file()]
+            missing = storage.missing([p["label"] for p in pairs])
             if missing:
                 raise FileNotFoundError(
                     f"task {self.name!r}: {len(missing)} {split} images have no label PNG, e.g. {missing[0]}"

@@ -7,6 +7,7 @@ world_size, initial_eval}. `read_weights` also accepts a bare state_dict file (a
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from gppf import storage
 
 CKPT_FILE = "state.pt"
 
@@ -32,7 +35,13 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path) -> None:
 
 
 def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(Path(directory) / CKPT_FILE, map_location=map_location, weights_only=True)
+    """state.pt of a checkpoint directory, local or a URI (gppf.storage)."""
+    return _load(storage.path(directory) / CKPT_FILE, map_location)
+
+
+def _load(p: Path | storage.UriPath, map_location: str | torch.device = "cpu") -> Any:
+    src = p if isinstance(p, Path) else io.BytesIO(p.read_bytes())
+    return torch.load(src, map_location=map_location, weights_only=True)
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
@@ -40,12 +49,14 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     checkpoint (the whole multi-task model, in the platform's own keys) or "plain" for anything
     else that holds a state_dict (an exported route, timm, torchvision, MoCo, DenseCL: see
     gppf.weight_formats), unwrapped from a "state_dict" or "model" entry if it has one."""
-    p = Path(path).expanduser()
+    p = storage.path(path)
     if p.is_dir():
         p = p / CKPT_FILE
     if not p.is_file():
-        raise FileNotFoundError(f"init_from: {p} does not exist (a checkpoint directory or a .pt file)")
-    obj = torch.load(p, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(
+            f"init_from: {storage.display(p)} does not exist (a checkpoint directory or a .pt file)"
+        )
+    obj = _load(p)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "step" in obj and "optimizer" in obj:
         return obj["model"], "checkpoint"
     for wrapper in ("state_dict", "model"):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gppf import storage
 from gppf.config import ConfigError, apply_overrides, apply_values, to_dict
 from gppf.job_config import JobConfig
 
@@ -21,11 +22,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument(
         "--data-root",
         default=None,
-        help="directory holding the real datasets; without it the job runs the embedded demo "
-        "(local Ray, generated data, shrunken schedule)",
+        help="directory (or pyarrow.fs URI: s3://bucket/prefix, gs://...) holding the real datasets; "
+        "without it the job runs the embedded demo (local Ray, generated data, shrunken schedule)",
     )
     ap.add_argument(
-        "--demo-root", default="~/.cache/gppf/demo_data", help="where the embedded demo writes its data"
+        "--demo-root",
+        default="~/.cache/gppf/demo_data",
+        help="where the embedded demo writes its data (a directory, or a URI it uploads them to)",
     )
     ap.add_argument(
         "--demo-images",
@@ -110,17 +113,17 @@ def load_config(
     demo (its data generated first), then --tasks and --set. Errors exit with status 2."""
     try:
         if args.data_root:
-            root = Path(args.data_root)
+            root = storage.path(args.data_root)
             if not root.is_dir():
-                raise FileNotFoundError(f"--data-root {root} does not exist")
+                raise FileNotFoundError(f"--data-root {storage.display(root)} does not exist")
             if not any(root.iterdir()):
-                raise FileNotFoundError(f"--data-root {root} is empty")
-            cfg = full_config(str(root.absolute()))
+                raise FileNotFoundError(f"--data-root {storage.display(root)} is empty")
+            cfg = full_config(storage.absolute(root))
         else:
             from gppf.demo_data import generate
 
             n = max(8, args.demo_images)
-            cfg = demo_config(str(generate(Path(args.demo_root).expanduser().absolute(), n, max(4, n // 4))))
+            cfg = demo_config(str(generate(storage.absolute(args.demo_root), n, max(4, n // 4))))
         cfg = select_tasks(cfg, args.tasks)
         for path in args.set_files:
             cfg = apply_values(cfg, read_set_file(path), where=f"--set-file {path}:")
@@ -138,7 +141,7 @@ def run(cfg: JobConfig, resume: str | None = None) -> dict:
     metrics = fit(cfg, resume_from=resume)
     print(
         f"\n[gppf] {cfg.name}: {metrics.get('step')} steps in {time.time() - t0:.0f}s; "
-        f"run directory {metrics.get('run_dir')}"
+        f"run directory {storage.display(metrics.get('run_dir', ''))}"
     )
     print(results_table(metrics))
     return metrics

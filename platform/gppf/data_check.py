@@ -10,6 +10,8 @@ should pay for it once. A passed check is remembered (in memory and under
 - a fingerprint of the files: mtime of the data root and of every directory one and two levels
   below it, mtime and size of every non-image file down to two levels (annotation JSONs, split
   lists, Parquet shards). Adding, removing or renaming an image changes its directory's mtime.
+  In object storage (a URI data root), whose directories have no mtime, the number of entries of
+  each directory down to two levels stands in for it.
 
 An image changed in place under the same name, or a change three or more levels down, is not
 seen: delete the cache directory after such edits.
@@ -24,7 +26,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
+from gppf import storage
 from gppf.config import from_dict, to_dict
+from gppf.storage import UriPath
 from gppf.task import Task
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
@@ -36,7 +42,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GPPF_CACHE_DIR", "~/.cache/gppf")).expanduser() / "data_checks"
 
 
-def fingerprint(root: Path, depth: int = 2) -> list[tuple]:
+def fingerprint(root: Path | UriPath, depth: int = 2) -> list[tuple]:
+    if isinstance(root, UriPath):
+        return _uri_fingerprint(root, depth)
     out: list[tuple] = []
 
     def visit(d: Path, level: int) -> None:
@@ -55,13 +63,31 @@ def fingerprint(root: Path, depth: int = 2) -> list[tuple]:
     return out
 
 
+def _uri_fingerprint(root: UriPath, depth: int) -> list[tuple]:
+    out: list[tuple] = []
+
+    def visit(d: UriPath, level: int) -> None:
+        infos = d.infos()
+        out.append((str(d.relative_to(root)), len(infos)))
+        for i in infos:
+            if i.type == pafs.FileType.Directory:
+                if level < depth:
+                    visit(d / i.base_name, level + 1)
+            elif Path(i.base_name).suffix.lower() not in IMAGE_SUFFIXES:
+                out.append((str((d / i.base_name).relative_to(root)), i.mtime_ns, i.size))
+
+    visit(root, 0)
+    return out
+
+
 def _key(task: Task, entry_type: str) -> str:
     try:
         source = hashlib.sha256(Path(inspect.getsourcefile(type(task)) or "").read_bytes()).hexdigest()
     except (OSError, TypeError):
         source = ""
     cfg = {k: v for k, v in to_dict(task.cfg).items() if k not in NOT_DATA}
-    doc = {"type": entry_type, "plugin": source, "cfg": cfg, "files": fingerprint(Path(task.cfg.data_root))}
+    files = fingerprint(storage.path(task.cfg.data_root))
+    doc = {"type": entry_type, "plugin": source, "cfg": cfg, "files": files}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -20,10 +20,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from gppf import storage
+from gppf.storage import UriPath
 
 SHAPES = ("disc", "square", "triangle", "bar")
 SEG_CLASSES = ("background", "disc", "square", "triangle")
@@ -282,11 +286,24 @@ def write_multihead(root: Path, n_train: int, n_val: int, seed: int) -> None:
                 png.save(root / split / "depth" / f"{i:05d}.png")
 
 
-def generate(root: str | Path, n_train: int = 400, n_val: int = 100, seed: int = 0) -> Path:
-    """Write all demo datasets under `root` (skipped when an identical set is already there)."""
+def generate(root: str | Path, n_train: int = 400, n_val: int = 100, seed: int = 0) -> Path | UriPath:
+    """Write all demo datasets under `root` (skipped when an identical set is already there). A
+    URI root (object storage, gppf.storage) gets them generated locally and uploaded."""
+    meta = {"version": VERSION, "n_train": n_train, "n_val": n_val, "seed": seed}
+    if storage.is_uri(root):
+        target = storage.path(root)
+        stamp = target / "demo.json"
+        if stamp.exists() and json.loads(stamp.read_text()) == meta:
+            return target
+        with tempfile.TemporaryDirectory() as d:
+            generate(d, n_train, n_val, seed)
+            print(f"[gppf] uploading the demo data to {storage.display(target)}", flush=True)
+            (Path(d) / "demo.json").unlink()  # written last: a partial upload is not taken as done
+            storage.copy_tree(d, target)
+        stamp.write_text(json.dumps(meta))
+        return target
     root = Path(root)
     stamp = root / "demo.json"
-    meta = {"version": VERSION, "n_train": n_train, "n_val": n_val, "seed": seed}
     if stamp.exists() and json.loads(stamp.read_text()) == meta:
         return root
     print(f"[gppf] writing demo data to {root} ({n_train} train / {n_val} val images per task)", flush=True)

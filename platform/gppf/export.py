@@ -10,45 +10,55 @@ The file loads with `timm.create_model(NAME, num_classes=0).load_state_dict(torc
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+from gppf import storage
 from gppf.checkpoint import load_checkpoint
 from gppf.config import from_dict
 from gppf.job_config import JobConfig
+from gppf.storage import UriPath
 from gppf.trunk import Trunk, build_trunk
 
 
 def checkpoint_config(ckpt_dir: str | Path) -> JobConfig:
     """The job config of the run a checkpoint belongs to (config.json next to the checkpoint)."""
-    config = Path(ckpt_dir).expanduser().absolute().parent / "config.json"
+    config = storage.path(storage.absolute(ckpt_dir)).parent / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"no {config}: pass a checkpoint directory inside a gppf run directory")
-    return from_dict(JobConfig, json.loads(config.read_text()), where=str(config))
+        raise FileNotFoundError(
+            f"no {storage.display(config)}: pass a checkpoint directory inside a gppf run directory"
+        )
+    return from_dict(JobConfig, json.loads(config.read_text()), where=storage.display(config))
 
 
 def load_trunk(ckpt_dir: str | Path) -> tuple[Trunk, JobConfig]:
     """The trunk of a checkpoint, built from its run's config.json and loaded with its weights."""
     cfg = checkpoint_config(ckpt_dir)
     trunk = build_trunk(cfg.backbone, list(cfg.tasks))
-    state = load_checkpoint(Path(ckpt_dir).expanduser())["model"]
+    state = load_checkpoint(ckpt_dir)["model"]
     trunk.load_state_dict({k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")})
     return trunk.eval(), cfg
 
 
-def export(trunk: Trunk, out: str | Path, task: str | None = None) -> Path:
+def export(trunk: Trunk, out: str | Path | UriPath, task: str | None = None) -> Path | UriPath:
     """Write `trunk.export(task)` to `out`; a lego trunk needs the task whose route it is."""
     routes = trunk.routes()
     if routes and task not in routes:
         raise ValueError(
             f"a lego backbone has one route per task: pass --task, one of {', '.join(sorted(routes))}"
         )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(trunk.export(task), out)
+    out = storage.path(out)
+    if isinstance(out, Path):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(trunk.export(task), out)
+    else:
+        buf = io.BytesIO()
+        torch.save(trunk.export(task), buf)
+        out.write_bytes(buf.getvalue())
     return out
 
 

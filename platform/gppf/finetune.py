@@ -21,11 +21,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from gppf import storage
 from gppf.config import ConfigError
 from gppf.job_config import JobConfig
+from gppf.storage import UriPath
 
 
-def prepare(cfg: JobConfig, run_dir: Path) -> JobConfig:
+def prepare(cfg: JobConfig, run_dir: Path | UriPath) -> JobConfig:
     """The plain job a finetune section stands for (on the driver; a fixed route of a checkpoint
     is exported into `run_dir` here)."""
     f = cfg.finetune
@@ -54,7 +56,7 @@ def prepare(cfg: JobConfig, run_dir: Path) -> JobConfig:
             "config.finetune.route: fixed-path finetuning needs a task of the checkpoint or a route file"
         )
     if Path(f.route).suffix:  # a route file, e.g. from a dynamic finetuning ("retrain")
-        route_file = Path(f.route).expanduser().absolute()
+        route_file = storage.absolute(f.route)
     else:
         trunk, _ = load_trunk(f.checkpoint)
         if f.route not in trunk.routes():

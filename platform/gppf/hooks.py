@@ -8,6 +8,7 @@
 | ReportHook | | | log line + Ray Train report | last log line + final report |
 | PlotHook | | | | selection plots (lego) |
 | ExportHook | | | | each task's route as a plain backbone (`train.export_routes`) |
+| MirrorHook | | | uploads the logs after a checkpoint | (on close) uploads the logs (run_dir a URI) |
 
 Hooks run in that order. A hook that issues collectives (evaluation, the state gather of a
 checkpoint) runs on every rank at the same steps; only rank 0 writes files. Hooks put what they
@@ -26,6 +27,7 @@ from gppf.metrics_log import MetricsLogger, MetricWindow, say
 from gppf.mt_metrics import with_multitask
 
 if TYPE_CHECKING:
+    from gppf.storage import UriPath
     from gppf.trainer import StepOutput, Trainer
 
 # (metrics, checkpoint state or None) -> None; every rank calls it at the same steps.
@@ -191,6 +193,41 @@ class ExportHook(Hook):
             torch.save(trunk.export(task), path)
             loads = f"timm.create_model({trunk.timm_name!r}, num_classes=0) loads it"
             say(f"[gppf] route {r['route']} of {task} -> {path} ({loads})")
+
+
+class MirrorHook(Hook):
+    """For a run directory in object storage (a URI, gppf.storage): rank 0 writes metrics.jsonl,
+    TensorBoard, plots and routes into a local directory, primed with the run's earlier logs when
+    it resumes, and uploads them after each checkpoint's report (so the logs in storage reach as
+    far as the newest checkpoint) and at the end, also when training failed. Checkpoints go to
+    storage through Ray Train itself. It runs last, so its close follows the logger's."""
+
+    LOGS = ("metrics.jsonl", "tensorboard")  # what a resumed run appends to
+
+    def __init__(self, remote: UriPath, rank: int):
+        from gppf import storage
+
+        self.remote, self.rank = remote, rank
+        self.local = storage.local_mirror(remote.name)
+        if rank == 0:
+            storage.copy_tree(remote, self.local, only=self.LOGS)
+
+    def wrap(self, sink: Sink) -> Sink:
+        def synced(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+            sink(metrics, state)
+            if state is not None:
+                self.upload()
+
+        return synced
+
+    def upload(self) -> None:
+        if self.rank == 0:
+            from gppf import storage
+
+            storage.copy_tree(self.local, self.remote)
+
+    def close(self) -> None:  # after ReportHook's, which flushes TensorBoard: the last upload
+        self.upload()
 
 
 def default_hooks(t: Trainer, sink: Sink, run_dir: Path, extra: list[Hook] | None = None) -> list[Hook]:

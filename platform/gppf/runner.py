@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import ray.train
 
-from gppf import data_check, finetune, mt_metrics, terminal
+from gppf import data_check, finetune, mt_metrics, storage, terminal
 from gppf.composite import attached_tasks, sampling_weights
 from gppf.config import to_dict
 from gppf.job_config import JobConfig
+from gppf.storage import UriPath
 from gppf.trainer import build_tasks
 
 if TYPE_CHECKING:
@@ -34,10 +35,10 @@ def resolve(cfg: JobConfig) -> JobConfig:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value:
-            path = Path(value).expanduser().absolute()
-            if not path.exists():
-                raise FileNotFoundError(f"{key}: {path} does not exist")
-            setattr(getattr(cfg, section), name, str(path))
+            path = storage.absolute(value)
+            if not storage.path(path).exists():
+                raise FileNotFoundError(f"{key}: {storage.display(path)} does not exist")
+            setattr(getattr(cfg, section), name, path)
     for task in tasks:
         if type(task).__module__ == "__main__":
             raise ValueError(
@@ -46,13 +47,13 @@ def resolve(cfg: JobConfig) -> JobConfig:
             )
         if not task.cfg.data_root:
             raise ValueError(f"tasks.{task.name}.data_root is not set")
-        # Absolute: Ray Train workers run in their own working directory.
-        root = Path(task.cfg.data_root).expanduser().absolute()
-        task.cfg.data_root = str(root)
+        # Absolute (Ray Train workers run in their own working directory), or a URI.
+        task.cfg.data_root = storage.absolute(task.cfg.data_root)
+        root = storage.path(task.cfg.data_root)
         if not root.is_dir():
-            raise FileNotFoundError(f"task {task.name!r}: data root {root} does not exist")
+            raise FileNotFoundError(f"task {task.name!r}: data root {storage.display(root)} does not exist")
         if not any(root.iterdir()):
-            raise FileNotFoundError(f"task {task.name!r}: data root {root} is empty")
+            raise FileNotFoundError(f"task {task.name!r}: data root {storage.display(root)} is empty")
         data_check.check(task, cfg.tasks[task.name]["type"])
         _resolve_extra_roots(task)
         cfg.tasks[task.name] = {
@@ -81,10 +82,12 @@ def _resolve_extra_roots(task: Task) -> None:
     """Absolute extra train roots that exist and list train data this task reads like its own."""
     roots = []
     for i, value in enumerate(task.cfg.extra_train_roots):
-        root = Path(value).expanduser().absolute()
-        if not root.is_dir():
-            raise FileNotFoundError(f"tasks.{task.name}.extra_train_roots[{i}]: {root} does not exist")
-        roots.append(str(root))
+        root = storage.absolute(value)
+        if not storage.path(root).is_dir():
+            raise FileNotFoundError(
+                f"tasks.{task.name}.extra_train_roots[{i}]: {storage.display(root)} does not exist"
+            )
+        roots.append(root)
     task.cfg.extra_train_roots = roots
     if roots:
         task.extra_train_units(task.source("train").read)
@@ -133,8 +136,16 @@ class FinalReport(ray.train.UserCallback):
             Path(self.path).write_text(json.dumps(metrics[0], default=str))
 
 
-def run_directory(cfg: JobConfig) -> Path:
-    return Path(cfg.run_dir).expanduser().absolute() / cfg.run_name
+def run_directory(cfg: JobConfig) -> Path | UriPath:
+    return storage.path(storage.absolute(cfg.run_dir)) / cfg.run_name
+
+
+def _storage(cfg: JobConfig) -> dict[str, Any]:
+    """Ray Train's storage arguments: a local (or shared) path, or a filesystem and its path."""
+    run_dir = storage.path(cfg.run_dir)
+    if isinstance(run_dir, UriPath):
+        return {"storage_path": run_dir.fs_path, "storage_filesystem": run_dir.filesystem}
+    return {"storage_path": str(run_dir)}
 
 
 def fit(
@@ -157,28 +168,32 @@ def fit(
     from gppf.train_loop import train_loop_per_worker
 
     cfg = copy.deepcopy(cfg)  # the caller's config stays as it was (sweeps reuse it)
-    in_place = bool(resume_from) and any(Path(resume_from).expanduser().glob("checkpoint_*"))
+    in_place = bool(resume_from) and any(storage.path(resume_from).glob("checkpoint_*"))
     if in_place:  # Ray Train restores a run directory's newest checkpoint by itself
-        run = Path(resume_from).expanduser().absolute()
+        run = storage.path(storage.absolute(resume_from))
         cfg.run_dir, cfg.run_name, resume_from = str(run.parent), run.name, None
     if not cfg.run_name:
         # Unique per call: two runs (or Tune trials) started in the same second must not share one.
         cfg.run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    cfg.run_dir = str(Path(cfg.run_dir).expanduser().absolute())  # Ray Train workers run elsewhere
+    cfg.run_dir = storage.absolute(cfg.run_dir)  # Ray Train workers run elsewhere
     out = run_directory(cfg)
     if any(out.glob("checkpoint_*")) and not in_place:
         raise FileExistsError(
-            f"run directory {out} already holds checkpoints; pick another run_name, or continue "
-            f"that run with --resume {out}"
+            f"run directory {storage.display(out)} already holds checkpoints; pick another run_name, "
+            f"or continue that run with --resume {storage.display(out)}"
         )
     if resume_from:
-        resume_from = str(Path(resume_from).expanduser().absolute())
+        resume_from = storage.absolute(resume_from)
     out.mkdir(parents=True, exist_ok=True)
     cfg = resolve(finetune.prepare(cfg, out))
-    final_report = out / "final_report.json"
+    # The controller (and so FinalReport) runs on the driver's node: a local file, also when
+    # run_dir is in object storage.
+    final_report = (
+        out / "final_report.json" if isinstance(out, Path) else storage.local_mirror("report") / "r.json"
+    )
     final_report.unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    print(f"[gppf] run directory {out}", flush=True)
+    print(f"[gppf] run directory {storage.display(out)}", flush=True)
     logs = ensure_ray()
     if logs:
         print(f"[gppf] Ray's own messages (dataset executions, worker groups) go to {logs}", flush=True)
@@ -200,7 +215,7 @@ def fit(
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
-            storage_path=cfg.run_dir,
+            **_storage(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=[*(callbacks or []), FinalReport(str(final_report))],
@@ -209,7 +224,8 @@ def fit(
     result = trainer.fit()
     metrics = json.loads(final_report.read_text()) if final_report.is_file() else dict(result.metrics or {})
     final_report.unlink(missing_ok=True)
-    metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    metrics["checkpoint"] = str(out / Path(ckpt).name) if ckpt and isinstance(out, UriPath) else ckpt
     metrics["run_dir"] = str(out)
     (out / "results.json").write_text(json.dumps(metrics, indent=2, default=str))
     return metrics

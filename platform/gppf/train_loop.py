@@ -6,17 +6,18 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from gppf import storage
 from gppf.checkpoint import load_checkpoint, save_checkpoint
 from gppf.config import from_dict
 from gppf.data.stream import configure_data_context
-from gppf.hooks import Sink, default_hooks
+from gppf.hooks import MirrorHook, Sink, default_hooks
 from gppf.job_config import JobConfig
 from gppf.metrics_log import flat_eval, say
+from gppf.storage import UriPath
 from gppf.trainer import Trainer
 
 
@@ -64,7 +65,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ckpt = ray.train.get_checkpoint()  # set when Ray Train restarts the worker group
     if ckpt is None and config.get("resume_from"):
-        ckpt = ray.train.Checkpoint.from_directory(config["resume_from"])
+        source = storage.path(config["resume_from"])
+        ckpt = (
+            ray.train.Checkpoint(source.fs_path, filesystem=source.filesystem)
+            if isinstance(source, UriPath)
+            else ray.train.Checkpoint.from_directory(source)
+        )
     t = Trainer(cfg, device, initialise=ckpt is None)
     for report in t.init_reports:
         say(report.summary())
@@ -73,6 +79,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t.load_state_dict(load_checkpoint(d))
         if t.rank == 0:
             say(f"[gppf] resumed from checkpoint at step {t.step}")
-    run_dir = Path(cfg.run_dir) / cfg.run_name
-    t.hooks = default_hooks(t, ray_sink(t.rank), run_dir, extra=config.get("hooks"))
+    run_dir = storage.path(cfg.run_dir) / cfg.run_name
+    sink = ray_sink(t.rank)
+    if isinstance(run_dir, UriPath):  # logs are written locally and uploaded (MirrorHook)
+        mirror = MirrorHook(run_dir, t.rank)
+        t.hooks = [*default_hooks(t, mirror.wrap(sink), mirror.local, extra=config.get("hooks")), mirror]
+    else:
+        t.hooks = default_hooks(t, sink, run_dir, extra=config.get("hooks"))
     t.run()

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gppf import storage
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
@@ -18,9 +20,10 @@ class BadSampleError(ValueError):
 
 
 def open_image(src: str | bytes, task: str, what: str, mode: str = "RGB") -> Image.Image:
-    """Decode a path or encoded bytes; a corrupt or unreadable file raises BadSampleError naming it."""
+    """Decode a path (local or a URI, gppf.storage) or encoded bytes; a corrupt or unreadable
+    file raises BadSampleError naming it."""
     try:
-        img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
+        img = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else storage.open_input(src))
         img.load()
     except Exception as e:  # PIL raises many types for bad files
         raise BadSampleError(f"task {task!r}: cannot read {what}: {type(e).__name__}: {e}") from None
