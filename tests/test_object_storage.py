@@ -21,7 +21,7 @@ from moto.server import ThreadedMotoServer
 from gppf import storage
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "gppf_r50.py"
-STEPS = 6
+STEPS = 4
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def _sets(steps: int) -> list[str]:
     sets = [
         f"train.steps={steps}",
         "train.log_every=1",
-        "train.checkpoint_every=3",
+        "train.checkpoint_every=2",
         "train.eval_max_batches=1",
         "train.eval_at_start=false",
         "data.chunk_rows=16",

@@ -226,3 +226,24 @@ def test_a_hook_registers_a_payload_slot_and_reports_it():
     assert [r["step"] for r in reports] == [2, 4, 4]  # log steps, then the final report
     assert [r["my_count"] for r in reports[:2]] == [[0.0, 0.25], [0.0, 1.25]]  # per-step mean of the window
     assert all(r["world_size"] == 1 and ("loss/a" in r or "loss/b" in r) for r in reports)
+
+
+@pytest.mark.parametrize("report_every, expected", [(0, [31, 32, 33]), (10, [10, 20, 30, 31, 32, 33])])
+def test_ray_train_gets_checkpoints_evaluations_the_end_and_every_report_every(
+    monkeypatch, report_every, expected
+):
+    """Each Ray Train report waits for the controller's poll (2 s): log windows stay local unless
+    `train.report_every` asks for them; the choice is the same on every rank (step and content)."""
+    import ray.train
+
+    from gppf.train_loop import ray_sink
+
+    steps = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None: steps.append(metrics["step"]))
+    sink = ray_sink(rank=1, report_every=report_every)
+    for step in range(1, 31):
+        sink({"step": step, "loss/a": 1.0}, None)
+    sink({"step": 31, "eval": {"a": {"top1": 1.0}}}, None)
+    sink({"step": 32}, {"step": 32})  # a checkpoint (rank 1 reports without writing it)
+    sink({"step": 33, "final_eval": {}}, None)
+    assert steps == expected

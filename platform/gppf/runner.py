@@ -159,7 +159,8 @@ def fit(
     resume_from: a checkpoint directory (a new run continues from it), or a run directory (that
         run continues in place, from its newest checkpoint);
     callbacks: Ray Train callbacks (`ray.train.UserCallback`, Tune's `TuneReportCallback`), passed
-        to the run config: they see every report, evaluations included;
+        to the run config: they see the reports that carry a checkpoint or an evaluation, the
+        final one, and log windows every `train.report_every` steps (default: none);
     hooks: extra trainer hooks (gppf.hooks.Hook, picklable), run on every worker after the
         checkpoint hook and before the step's report (gppf.hooks.default_hooks).
     """

@@ -32,12 +32,18 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def ray_sink(rank: int) -> Sink:
+def ray_sink(rank: int, report_every: int = 0) -> Sink:
     """Reports to Ray Train: evaluations also as flat `val/<task>/<metric>` keys (what Tune and
-    callbacks read); rank 0 writes the checkpoint, every rank reports (it is a barrier)."""
+    callbacks read); rank 0 writes the checkpoint, every rank reports (it is a barrier). A log
+    window without a checkpoint or an evaluation is reported only every `report_every` steps
+    (`train.report_every`: each report waits for the controller's poll). The choice depends on
+    the step and the report's content only, so every rank makes the same one."""
     import ray.train
 
     def sink(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        needed = state is not None or "eval" in metrics or "final_eval" in metrics
+        if not needed and not (report_every and metrics.get("step", 0) % report_every == 0):
+            return
         metrics = {**metrics, **flat_eval(metrics.get("eval") or {})}
         if state is None or rank != 0:
             ray.train.report(metrics)
@@ -80,7 +86,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if t.rank == 0:
             say(f"[gppf] resumed from checkpoint at step {t.step}")
     run_dir = storage.path(cfg.run_dir) / cfg.run_name
-    sink = ray_sink(t.rank)
+    sink = ray_sink(t.rank, cfg.train.report_every)
     if isinstance(run_dir, UriPath):  # logs are written locally and uploaded (MirrorHook)
         mirror = MirrorHook(run_dir, t.rank)
         t.hooks = [*default_hooks(t, mirror.wrap(sink), mirror.local, extra=config.get("hooks")), mirror]
