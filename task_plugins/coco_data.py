@@ -48,6 +48,9 @@ class CocoIndex:
         return [c["id"] for c in self.categories]
 
 
+_LVIS_IMAGE_KEYS = ("neg_category_ids", "not_exhaustive_category_ids")
+
+
 def _need(rec: dict, keys: tuple[str, ...], what: str, path: Path) -> None:
     missing = [k for k in keys if k not in rec]
     if missing:
@@ -103,12 +106,15 @@ def load_coco(
     masks: bool = True,
     keep_gt: bool = True,
     path_components: int = 0,
+    lvis: bool = False,
 ) -> CocoIndex:
     """Parse `ann_file`, validate every record and index annotations by image.
 
     `keep_gt=False` (a training split) leaves `CocoIndex.gt` without annotations: only evaluation
     needs that second copy, which for Objects365 is millions of records. `path_components` > 0
-    keeps only the last that many components of each image's file name (or URL; 2 for URLs)."""
+    keeps only the last that many components of each image's file name (or URL; 2 for URLs).
+    `lvis`: the file must carry LVIS's federated keys (an image's negative and not-exhaustive
+    category ids, a category's frequency), which the ground truth keeps for LVIS's AP."""
     path = storage.path(ann_file)
     if not path.is_file():
         raise FileNotFoundError(f"task {task!r}: annotation file {path} does not exist")
@@ -123,8 +129,15 @@ def load_coco(
     cats = []
     for i, c in enumerate(doc["categories"]):
         with _record(path, f"categories[{i}]"):
-            _need(c, ("id",), f"categories[{i}]", path)
-            cats.append({"id": int(c["id"]), "name": str(c.get("name", c["id"]))})
+            _need(c, ("id",) + (("frequency",) if lvis else ()), f"categories[{i}]", path)
+            cat = {"id": int(c["id"]), "name": str(c.get("name", c["id"]))}
+            if lvis:
+                if c["frequency"] not in ("r", "c", "f"):
+                    raise CocoFormatError(
+                        f"{path}: categories[{i}] has frequency {c['frequency']!r}; LVIS's are 'r', 'c', 'f'"
+                    )
+                cat["frequency"] = c["frequency"]
+            cats.append(cat)
     cats.sort(key=lambda c: c["id"])
     if not cats:
         raise CocoFormatError(f"{path}: 'categories' is empty")
@@ -133,7 +146,7 @@ def load_coco(
     images: dict[int, dict] = {}
     for i, img in enumerate(doc["images"]):
         with _record(path, f"images[{i}]"):
-            _need(img, ("id", "height", "width"), f"images[{i}]", path)
+            _need(img, ("id", "height", "width") + (_LVIS_IMAGE_KEYS if lvis else ()), f"images[{i}]", path)
             name = _file_name(img, image_key, path_components)
             if not name:
                 raise CocoFormatError(f"{path}: images[{i}] (id {img['id']}) has no {image_key!r} key")
@@ -146,6 +159,8 @@ def load_coco(
                 "width": int(img["width"]),
                 "anns": [],
             }
+            if lvis:
+                images[int(img["id"])]["lvis"] = {k: [int(c) for c in img[k]] for k in _LVIS_IMAGE_KEYS}
     if not doc["annotations"]:
         raise CocoFormatError(f"{path}: 'annotations' is empty")
 
@@ -173,7 +188,8 @@ def load_coco(
         print(f"[gppf] task {task!r}: {path.name}: " + "; ".join(parts), file=sys.__stdout__, flush=True)
     gt = {  # for COCOeval
         "images": [
-            {"id": v["image_id"], "height": v["height"], "width": v["width"]} for v in images.values()
+            {"id": v["image_id"], "height": v["height"], "width": v["width"], **v.pop("lvis", {})}
+            for v in images.values()
         ],
         "annotations": gt_anns,
         "categories": cats,

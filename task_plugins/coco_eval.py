@@ -2,7 +2,14 @@
 
 Two scorers give the same numbers (tests/test_coco_eval.py): faster-coco-eval's C++ COCOeval (the
 default: an Objects365-sized split scores many times faster) and pycocotools' (the reference, and
-`tasks.<name>.coco_eval: pycocotools` selects it)."""
+`tasks.<name>.coco_eval: pycocotools` selects it).
+
+LVIS is scored as LVIS is (`tasks.<name>.evaluation: lvis`, `lvis_ap`): federated AP over at most
+300 detections an image, a detection of a category neither annotated nor listed negative for its
+image is dropped, an unmatched one of a `not_exhaustive_category_ids` category is not a false
+positive, and AP is also reported per frequency group (APr, APc, APf). faster-coco-eval's LVIS mode
+computes it; tests/test_lvis_eval.py holds it equal to the `lvis` package's LVISEval (why not that
+one directly: docs/design.md)."""
 
 from __future__ import annotations
 
@@ -122,14 +129,105 @@ def coco_ap(
     return out
 
 
+LVIS_MAX_DETS = 300  # detections kept per image, as LVISResults does (the LVIS paper's protocol)
+LVIS_KEYS = {"images": ("neg_category_ids", "not_exhaustive_category_ids"), "categories": ("frequency",)}
+_FREQUENCIES = ("r", "c", "f")  # rare, common, frequent: LVIS's bins of training-image counts
+
+
+def top_per_image(results: list[dict], k: int) -> list[dict]:
+    """The `k` highest-scoring results of each image (LVISResults.limit_dets_per_image)."""
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    out = []
+    for rs in by_image.values():
+        out.extend(rs if len(rs) <= k else sorted(rs, key=lambda r: r["score"], reverse=True)[:k])
+    return out
+
+
+def lvis_ap(
+    gt: dict, results: list[dict], iou_types: tuple[str, ...], image_ids: list[int] | None = None
+) -> dict[str, float]:
+    """LVIS's federated AP, AP50, APr, APc and APf (in %) for each IoU type.
+
+    `gt` must carry LVIS's keys (LVIS_KEYS). A frequency group none of whose categories has a
+    ground-truth object in the evaluated images has no AP (LVISEval's -1): it is left out."""
+    from faster_coco_eval import COCO as FasterCOCO
+    from faster_coco_eval import COCOeval_faster
+
+    cats = sorted(gt["categories"], key=lambda c: c["id"])
+    groups = {f: [i for i, c in enumerate(cats) if c["frequency"] == f] for f in _FREQUENCIES}
+    prefix = {"bbox": "box", "segm": "mask"}
+    out: dict[str, float] = {}
+    coco_gt = FasterCOCO()
+    coco_gt.dataset = gt
+    coco_gt.createIndex()
+    results = top_per_image(results, LVIS_MAX_DETS)
+    coco_dt = coco_gt.loadRes(results) if results else None
+    evaluated = set(image_ids) if image_ids is not None else {im["id"] for im in gt["images"]}
+    annotated = {a["category_id"] for a in gt["annotations"] if a["image_id"] in evaluated}
+    for iou_type in iou_types:
+        name = prefix[iou_type]
+        if coco_dt is None:  # no detections: 0 wherever there was something to find
+            out.update({f"{name}_AP": 0.0, f"{name}_AP50": 0.0})
+            out.update(
+                {
+                    f"{name}_AP{f}": 0.0
+                    for f in _FREQUENCIES
+                    if any(cats[i]["id"] in annotated for i in groups[f])
+                }
+            )
+            continue
+        ev = COCOeval_faster(coco_gt, coco_dt, iou_type, lvis_style=True, print_function=lambda *a, **k: None)
+        ev.params.maxDets = [LVIS_MAX_DETS]
+        if image_ids is not None:
+            ev.params.imgIds = sorted(set(image_ids))
+        ev.evaluate()
+        ev.accumulate()
+        precision = ev.eval["precision"][:, :, :, 0, -1]  # [IoU, recall, category] at area "all"
+
+        def mean(p: np.ndarray) -> float | None:
+            p = p[p > -1]
+            return 100.0 * float(p.mean()) if p.size else None
+
+        values = {"AP": mean(precision), "AP50": mean(precision[:1])}
+        values.update({f"AP{f}": mean(precision[:, :, groups[f]]) for f in _FREQUENCIES})
+        for k, v in values.items():
+            if v is not None or k in ("AP", "AP50"):  # no AP at all counts 0, as in coco_ap
+                out[f"{name}_{k}"] = 0.0 if v is None else v
+    return out
+
+
+def score(
+    gt: dict,
+    results: list[dict],
+    iou_types: tuple[str, ...],
+    image_ids: list[int] | None,
+    scorer: str,
+    style: str,
+) -> dict[str, float]:
+    """`coco_ap` or, for `style == "lvis"`, `lvis_ap`."""
+    if style == "lvis":
+        return lvis_ap(gt, results, iou_types, image_ids)
+    return coco_ap(gt, results, iou_types, image_ids, scorer)
+
+
 class CocoEvaluator(Evaluator):
     """Collects every worker's detections on rank 0, which runs COCOeval and shares the numbers."""
 
     primary = "box_AP"
 
-    def __init__(self, gt: dict, label_to_category: list[int], masks: bool, scorer: str = "faster_coco_eval"):
+    def __init__(
+        self,
+        gt: dict,
+        label_to_category: list[int],
+        masks: bool,
+        scorer: str = "faster_coco_eval",
+        style: str = "coco",
+    ):
         self.gt = gt
         self.scorer = scorer
+        self.style = style
         self.label_to_category = label_to_category
         self.iou_types = ("bbox", "segm") if masks else ("bbox",)
         self.results: list[dict] = []
@@ -160,11 +258,13 @@ class CocoEvaluator(Evaluator):
         if rank0:
             self.image_ids = [i for ids, _ in gathered for i in ids]
             self.results = [r for _, part in gathered for r in part]
-            box = [coco_ap(self.gt, self.results, self.iou_types, self.image_ids, self.scorer)]
+            box = [score(self.gt, self.results, self.iou_types, self.image_ids, self.scorer, self.style)]
         dist.broadcast_object_list(box, src=0, group=group)
         self.metrics = box[0]
 
     def compute(self) -> dict[str, float]:
         if self.metrics is None:
-            self.metrics = coco_ap(self.gt, self.results, self.iou_types, self.image_ids, self.scorer)
+            self.metrics = score(
+                self.gt, self.results, self.iou_types, self.image_ids, self.scorer, self.style
+            )
         return self.metrics

@@ -3,7 +3,8 @@
 `pre`: large-scale jitter (torchvision transforms v2 `ScaleJitter` + `RandomCrop`) to a square
 `input_size`, horizontal flip and copy-paste between the images of a batch (Ghiasi et al.; not in
 torchvision's library, so `copy_paste` below). `net`: FPN + Faster/Mask R-CNN heads (task_plugins.rcnn).
-`loss`: torchvision's RPN and RoI losses, summed. Metric: COCO box / mask AP by pycocotools.
+`loss`: torchvision's RPN and RoI losses, summed. Metric: COCO box / mask AP (task_plugins.coco_eval),
+or LVIS's federated AP with `evaluation: lvis`.
 
 Layout (relative to data_root, COCO's by default): `train_images`/, `val_images`/ and the two
 annotation files. Boxes only (Objects365, Open Images): `masks: false` gives Faster R-CNN.
@@ -63,6 +64,9 @@ class DetectionConfig(TaskConfig):
     lsj_scale: tuple[float, float] = (0.1, 2.0)
     copy_paste: float = 0.5  # probability that an image receives the objects of another (masks only)
     coco_eval: str = "faster_coco_eval"  # the COCOeval: faster_coco_eval (C++) or pycocotools
+    # "coco": COCOeval's AP; "lvis": LVIS's federated AP with APr/APc/APf (the val file must carry
+    # LVIS's keys; set head.detections_per_image: 300, LVIS's cap)
+    evaluation: str = "coco"
     head: RCNNConfig = field(default_factory=RCNNConfig)
 
 
@@ -123,6 +127,13 @@ class DetectionTask(Task):
             raise ConfigError(
                 f"tasks.{name}.coco_eval must be one of {', '.join(SCORERS)}, got {cfg.coco_eval!r}"
             )
+        if cfg.evaluation not in ("coco", "lvis"):
+            raise ConfigError(f"tasks.{name}.evaluation must be 'coco' or 'lvis', got {cfg.evaluation!r}")
+        if cfg.evaluation == "lvis" and cfg.coco_eval != "faster_coco_eval":
+            raise ConfigError(
+                f"tasks.{name}: evaluation 'lvis' is scored by faster_coco_eval's LVIS mode; "
+                f"coco_eval {cfg.coco_eval!r} has no federated AP"
+            )
         self._index: dict[str, CocoIndex] = {}
 
     def __getstate__(self) -> dict:  # Ray ships the task to every decode task: not the index
@@ -142,6 +153,7 @@ class DetectionTask(Task):
                 cfg.masks,
                 keep_gt=split != "train",
                 path_components=cfg.path_components,
+                lvis=split != "train" and cfg.evaluation == "lvis",
             )
         return self._index[split]
 
@@ -372,4 +384,6 @@ class DetectionTask(Task):
 
     def evaluator(self) -> Evaluator:
         idx = self.index("val")
-        return CocoEvaluator(idx.gt, idx.label_to_category, self.cfg.masks, self.cfg.coco_eval)
+        return CocoEvaluator(
+            idx.gt, idx.label_to_category, self.cfg.masks, self.cfg.coco_eval, self.cfg.evaluation
+        )

@@ -65,11 +65,26 @@ def make_paper_layouts(root: Path, seed: int = 0) -> Path:
         images, anns = [], []
         for src in sources:
             doc = json.loads((coco / "annotations" / f"instances_{src}.json").read_text())
+            present: dict[int, set] = {}
+            for a in doc["annotations"]:
+                present.setdefault(a["image_id"], set()).add(a["category_id"])
             for im in doc["images"]:
                 url = f"http://images.cocodataset.org/{src}/{im['file_name']}"
-                images.append({"id": im["id"], "coco_url": url, "height": im["height"], "width": im["width"]})
+                cats = present.get(im["id"], set())
+                images.append(
+                    {
+                        "id": im["id"],
+                        "coco_url": url,
+                        "height": im["height"],
+                        "width": im["width"],
+                        # The federated keys: verified absent, and annotated but not exhaustively.
+                        "neg_category_ids": [c["id"] for c in CATS if c["id"] not in cats][:1],
+                        "not_exhaustive_category_ids": sorted(cats)[:1],
+                    }
+                )
             anns.extend({k: v for k, v in a.items() if k != "iscrowd"} for a in doc["annotations"])
-        lvis = {"images": images, "annotations": anns, "categories": CATS}
+        lvis_cats = [{**c, "frequency": f} for c, f in zip(CATS, "rcf")]
+        lvis = {"images": images, "annotations": anns, "categories": lvis_cats}
         (root / "lvis" / f"lvis_v1_{split}.json").write_text(json.dumps(lvis))
 
     # Objects365 v2: boxes only, file names with patch sub-directories.
