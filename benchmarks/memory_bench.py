@@ -1,4 +1,5 @@
-"""P4: peak memory of one training step, static vs hard- vs soft-routed lego ResNet (N units).
+"""P4: peak memory of one training step, static vs hard- vs soft-routed lego ResNet (N units),
+each without and with gradient checkpointing (`+ckpt`: static per stage, lego per lego layer).
 
     python benchmarks/memory_bench.py [--backbone resnet50 --batch 8 --size 224 --units 2]
 
@@ -36,11 +37,13 @@ def _one(variant: str, backbone: str, batch: int, size: int, units: int, device:
     from gppf.lego import LegoConfig, LegoResNet
 
     torch.manual_seed(0)
-    if variant == "static":
-        model = Backbone(backbone)
+    kind, _, ckpt = variant.partition("+")
+    if kind == "static":
+        model = Backbone(backbone, grad_checkpointing=bool(ckpt))
     else:
-        model = LegoResNet(backbone, ["t"], LegoConfig(num_units=units, mode=variant))
+        model = LegoResNet(backbone, ["t"], LegoConfig(num_units=units, mode=kind))
         CrossTaskBatchNorm2d.convert(model)
+        model.set_grad_checkpointing(bool(ckpt))
         model.tau = 1.0
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -111,7 +114,7 @@ def main() -> None:
         print(json.dumps(_one(args.variant, args.backbone, args.batch, args.size, args.units, args.device)))
         return
     rows = []
-    for variant in ("static", "hard", "soft"):
+    for variant in ("static", "hard", "soft", "static+ckpt", "hard+ckpt", "soft+ckpt"):
         cmd = [sys.executable, __file__, "--variant", variant] + sys.argv[1:]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
@@ -119,7 +122,7 @@ def main() -> None:
     print(f"P4 ({args.backbone}, N={args.units}, batch {args.batch}, {args.size}px, {args.device})")
     for r in rows:
         print(
-            f"  {r['variant']:<7} params {r['params_m']:6.1f} M  step peak {r['peak_mb']:8.1f} MB "
+            f"  {r['variant']:<11} params {r['params_m']:6.1f} M  step peak {r['peak_mb']:8.1f} MB "
             f"(x{r['peak_mb'] / static:.2f})  saved for backward {r['saved_mb']:8.1f} MB "
             f"(x{r['saved_mb'] / static_saved:.2f})"
         )

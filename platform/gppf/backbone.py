@@ -9,18 +9,16 @@ and importing it registers every bundled trunk (whoever holds a BackboneConfig h
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import timm
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import gppf.swin  # noqa: F401  (registers the Swin trunks; lego registers LegoResNet)
 from gppf.checkpoint import LoadReport, load_weights
-from gppf.cross_bn import CrossTaskBatchNorm2d, recomputing
+from gppf.cross_bn import CrossTaskBatchNorm2d, checkpoint
 from gppf.lego import LegoConfig
 from gppf.task import FeatureInfo
 from gppf.trunk import Trunk, register_trunk, timm_kwargs
@@ -35,16 +33,14 @@ class BackboneConfig:
     # (res2..res5 of a ResNet, strides 4..32). Swin trunks always give their four stages.
     out_indices: tuple[int, ...] = (-4, -3, -2, -1)
     cross_task_bn: bool = True  # False = GPPF Table 1's "local BN" ablation
-    grad_checkpointing: bool = False  # static CNN backbones only for now
+    # Recompute activations in backward (GPPF-R50's "Model Checkpoint"): static CNNs per stage,
+    # Swin per stage (timm's), lego trunks per lego layer (each block, under soft or hard routes)
+    grad_checkpointing: bool = False
     drop_path_rate: float | None = None  # None: the timm model's own default (Swin-T 0.1, ResNets 0)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
     # Weights only, from a gppf checkpoint (its backbone) or a plain timm state_dict (an exported
     # route, `python -m gppf.export`); training still starts at step 0 with a fresh optimizer.
     init_from: str = ""
-
-
-def _recompute_context():
-    return contextlib.nullcontext(), recomputing()
 
 
 def _checkpoint_forward(module: nn.Module) -> None:
@@ -56,7 +52,7 @@ def _checkpoint_forward(module: nn.Module) -> None:
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not (module.training and torch.is_grad_enabled()):
             return inner(x)
-        return checkpoint(inner, x, use_reentrant=False, context_fn=_recompute_context)
+        return checkpoint(inner, x)
 
     module.forward = forward
 

@@ -35,6 +35,21 @@ def _is_recomputing() -> bool:
     return getattr(_state, "recomputing", False)
 
 
+def _recompute_contexts():
+    return contextlib.nullcontext(), recomputing()
+
+
+def checkpoint(fn, *args):
+    """`torch.utils.checkpoint` of `fn(*args)` (non-reentrant) whose recompute in backward does not
+    update BN running statistics a second time. The recompute issues cross-task BN's forward
+    collectives again; every rank recomputes the same layers in the same (reverse) order, so they
+    still line up. State `fn` depends on, such as a hard route's `unit_slot`, must be entered
+    inside `fn` so that the recompute sees it too."""
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    return torch_checkpoint(fn, *args, use_reentrant=False, context_fn=_recompute_contexts)
+
+
 @contextlib.contextmanager
 def unit_slot(num_units: int, unit: int):
     """Hard routing: BNs called inside run as unit `unit` of `num_units` candidates.

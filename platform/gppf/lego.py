@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gppf.checkpoint import LoadReport, load_weights
-from gppf.cross_bn import CrossTaskBatchNorm2d, unit_slot
+from gppf.cross_bn import CrossTaskBatchNorm2d, checkpoint, unit_slot
 from gppf.task import FeatureInfo
 from gppf.trunk import StepState, Trunk, register_trunk, timm_kwargs
 
@@ -123,6 +123,8 @@ class LegoLayer(nn.Module):
         self.units = nn.ModuleList(units)
         self.executed = [0] * len(units)  # how often each unit ran (tests, selection stats)
         self._linked = False
+        # Recompute each unit's activations in backward (backbone.grad_checkpointing).
+        self.grad_checkpointing = False
 
     @property
     def num_units(self) -> int:
@@ -138,6 +140,13 @@ class LegoLayer(nn.Module):
 
     def _run(self, k: int, x: torch.Tensor, hard_slot: bool) -> torch.Tensor:
         self.executed[k] += 1
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            # The unit slot is entered inside the checkpointed function, so the recompute in
+            # backward all-reduces the same [N, 2C+1] stack as the forward did.
+            return checkpoint(self._unit, k, x, hard_slot)
+        return self._unit(k, x, hard_slot)
+
+    def _unit(self, k: int, x: torch.Tensor, hard_slot: bool) -> torch.Tensor:
         if hard_slot and self.num_units > 1:
             with unit_slot(self.num_units, k):
                 return self.units[k](x)
@@ -198,6 +207,7 @@ class LegoBackbone(Trunk):
         self.feature_info = feature_info
         self.controller = GumbelController(tasks, len(layers), cfg.num_units)
         self.channels_last_features = channels_last_features  # Swin computes NHWC
+        self.channels_last_layers = channels_last_features
         self.tau = cfg.tau_start
         self.generator: torch.Generator | None = None  # set per step by the trainer (reproducible)
 
@@ -221,6 +231,15 @@ class LegoBackbone(Trunk):
             if idx in self.stage_ends:
                 feats.append(x.permute(0, 3, 1, 2).contiguous() if self.channels_last_features else x)
         return feats
+
+    def analysis_layers(self) -> list[tuple[str, nn.Module]]:
+        """Every lego layer (its output is that of the unit the route runs)."""
+        return [(name or "stem", layer) for name, layer in zip(self.layer_names, self.layers)]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every lego layer's activations in backward (per block, whichever units run)."""
+        for layer in self.layers:
+            layer.grad_checkpointing = enable
 
     # -- the trunk contract -----------------------------------------------------------------
     def set_step(self, state: StepState) -> None:
@@ -325,9 +344,8 @@ class LegoResNet(LegoBackbone):
 
 @register_trunk("lego", "resnet")
 def _lego_resnet(cfg: BackboneConfig, task_names: list[str]) -> Trunk:
-    if cfg.grad_checkpointing:
-        raise ValueError("backbone.grad_checkpointing is not supported with backbone.kind=lego yet")
     model = LegoResNet(cfg.name, task_names, cfg.lego, timm_kwargs(cfg.drop_path_rate, cfg.model_kwargs))
     if cfg.cross_task_bn:
         CrossTaskBatchNorm2d.convert(model)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model

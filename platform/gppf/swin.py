@@ -168,6 +168,7 @@ class StaticSwin(Trunk):
         self.body = dynamic_swin(name, model_kwargs)
         self.body.set_grad_checkpointing(grad_checkpointing)
         self.feature_info = _feature_info(self.body)
+        self.channels_last_layers = True  # timm's Swin blocks compute NHWC
 
     def forward(self, x: torch.Tensor, task: str | None = None) -> list[torch.Tensor]:
         x = self.body.patch_embed(x)
@@ -216,6 +217,6 @@ def _static_swin(cfg: BackboneConfig, task_names: list[str]) -> Trunk:
 
 @register_trunk("lego", "swin_transformer")
 def _lego_swin(cfg: BackboneConfig, task_names: list[str]) -> Trunk:
-    if cfg.grad_checkpointing:
-        raise ValueError("backbone.grad_checkpointing is not supported with backbone.kind=lego yet")
-    return LegoSwin(cfg.name, task_names, cfg.lego, timm_kwargs(cfg.drop_path_rate, cfg.model_kwargs))
+    model = LegoSwin(cfg.name, task_names, cfg.lego, timm_kwargs(cfg.drop_path_rate, cfg.model_kwargs))
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    return model
