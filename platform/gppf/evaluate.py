@@ -12,17 +12,20 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gppf.config import from_dict
 from gppf.job_config import JobConfig
 
+if TYPE_CHECKING:
+    from gppf.trainer import Trainer
 
-def evaluate_checkpoint(
-    ckpt_dir: str | Path, tasks: list[str] | None = None, max_batches: int = 0
-) -> dict[str, Any]:
+
+def checkpoint_worker(ckpt_dir: str | Path) -> Trainer:
+    """A single-process Trainer (CPU) holding the checkpoint's whole state, built from the run's
+    config.json; starts local Ray for its data streams. `close()` it when done."""
     from gppf.checkpoint import load_checkpoint
     from gppf.data.stream import configure_data_context
     from gppf.runner import ensure_ray
@@ -38,6 +41,13 @@ def evaluate_checkpoint(
     configure_data_context(cfg.data)
     worker = Trainer(cfg, torch.device("cpu"), initialise=False)
     worker.load_state_dict(state)
+    return worker
+
+
+def evaluate_checkpoint(
+    ckpt_dir: str | Path, tasks: list[str] | None = None, max_batches: int = 0
+) -> dict[str, Any]:
+    worker = checkpoint_worker(ckpt_dir)
     if tasks:
         worker.tasks = [t for t in worker.tasks if t.name in tasks]
     try:

@@ -10,7 +10,9 @@ A trunk is the shared network every task runs through. The trainer only talks to
 - `routes()` / `export(task)` / `load_plain(state)` — a task's path, the plain timm state_dict of
   that path, and the inverse (load a plain timm state_dict into the trunk);
 - `local_bn_copy()` — a copy whose BatchNorms are local (no collectives): for a second network
-  in a step, such as MoCo's momentum encoder, which other ranks do not run.
+  in a step, such as MoCo's momentum encoder, which other ranks do not run;
+- `analysis_layers()` — the layers, in forward order, whose outputs layer-by-layer analyses
+  compare (gppf.cka); `channels_last_layers` says whether those outputs are NHWC.
 
 Trunks register by (kind, timm family): `@register_trunk("lego", "swin_transformer")`. The family
 is timm's module of the model name ("resnet", "swin_transformer", ...); "*" matches any family.
@@ -19,6 +21,7 @@ is timm's module of the model name ("resnet", "swin_transformer", ...); "*" matc
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -45,9 +48,15 @@ class StepState:
     tau_total: int
 
 
+# timm's residual blocks (ResNet "layer1.0"), and the blocks of staged models (Swin "layers.0.blocks.1",
+# ConvNeXt "stages.0.blocks.1"): what a static trunk's analysis_layers() finds by name.
+_BLOCK_NAME = re.compile(r"(?:^|\.)(?:layer\d+\.\d+|(?:layers|stages)\.\d+\.blocks\.\d+)$")
+
+
 class Trunk(nn.Module):
     feature_info: list[FeatureInfo]
     timm_name: str = ""
+    channels_last_layers: bool = False  # analysis_layers() outputs are NHWC (Swin's blocks)
 
     def forward(self, x: torch.Tensor, task: str) -> list[torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
@@ -72,6 +81,11 @@ class Trunk(nn.Module):
     def load_plain(self, state: dict[str, torch.Tensor], source: str) -> LoadReport:
         """Load a plain timm state_dict (the inverse of `export`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot load a plain state_dict")
+
+    def analysis_layers(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of each layer whose output layer-by-layer analyses compare, in forward
+        order. The default finds timm's blocks by name; a trunk of another shape overrides it."""
+        return [(n.removeprefix("body."), m) for n, m in self.named_modules() if _BLOCK_NAME.search(n)]
 
     def local_bn_copy(self) -> Trunk:
         """A deep copy with plain BatchNorm2d instead of cross-task BN, no gradients: it issues no
