@@ -1,4 +1,5 @@
-"""Faster / Mask R-CNN with FPN on top of the platform backbone, assembled from torchvision's parts.
+"""Faster / Mask R-CNN with FPN on top of the platform backbone, assembled from torchvision's parts;
+`cascade: true` swaps the RoI box head for Cascade R-CNN's three stages (task_plugins.cascade).
 
 GPPF §4.1 / App. D.1: FPN, RPN, and box and mask heads with four conv layers before the predictors
 (torchvision's "v2" heads). All normalisation in the head is GroupNorm: ranks run different heads,
@@ -24,6 +25,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from gppf.task import FeatureInfo
+from task_plugins.cascade import CascadeRoIHeads, CascadeStage, stage_box_weights
 
 
 class Float32BoxCoder(BoxCoder):
@@ -54,6 +56,20 @@ class RCNNConfig:
     roi_batch_per_image: int = 512
     score_thresh: float = 0.05
     detections_per_image: int = 100
+    # Cascade R-CNN (task_plugins.cascade): stages' IoU thresholds and loss weights
+    cascade: bool = False
+    cascade_ious: tuple[float, ...] = (0.5, 0.6, 0.7)
+    cascade_loss_weights: tuple[float, ...] = (1.0, 0.5, 0.25)
+
+    def __post_init__(self):
+        if self.cascade:
+            if not self.cascade_ious or len(self.cascade_ious) != len(self.cascade_loss_weights):
+                raise ValueError(
+                    f"head.cascade_ious {tuple(self.cascade_ious)} and head.cascade_loss_weights "
+                    f"{tuple(self.cascade_loss_weights)} must be non-empty and of the same length"
+                )
+            if not all(0.0 < v < 1.0 for v in self.cascade_ious):
+                raise ValueError(f"head.cascade_ious {tuple(self.cascade_ious)} must lie in (0, 1)")
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -103,9 +119,12 @@ class RCNNHead(nn.Module):
             nms_thresh=0.7,
         )
         names = [str(i) for i in range(len(features))]
-        box_head = FastRCNNConvFCHead(
-            (c, 7, 7), [cfg.conv_channels] * 4, [cfg.fc_channels], norm_layer=group_norm
-        )
+
+        def box_head() -> nn.Module:
+            return FastRCNNConvFCHead(
+                (c, 7, 7), [cfg.conv_channels] * 4, [cfg.fc_channels], norm_layer=group_norm
+            )
+
         mask_kwargs = {}
         if masks:
             mask_kwargs = {
@@ -113,7 +132,35 @@ class RCNNHead(nn.Module):
                 "mask_head": MaskRCNNHeads(c, [cfg.conv_channels] * 4, 1, norm_layer=group_norm),
                 "mask_predictor": MaskRCNNPredictor(cfg.conv_channels, cfg.conv_channels, num_classes + 1),
             }
-        self.roi_heads = RoIHeads(
+        if cfg.cascade:
+            stages = [
+                CascadeStage(
+                    box_head(), cfg.fc_channels, num_classes, iou, Float32BoxCoder(stage_box_weights(k))
+                )
+                for k, iou in enumerate(cfg.cascade_ious)
+            ]
+            self.roi_heads = CascadeRoIHeads(
+                MultiScaleRoIAlign(names, 7, 2),
+                stages,
+                cfg.cascade_loss_weights,
+                batch_size_per_image=cfg.roi_batch_per_image,
+                positive_fraction=0.25,
+                score_thresh=cfg.score_thresh,
+                nms_thresh=0.5,
+                detections_per_img=cfg.detections_per_image,
+                **mask_kwargs,
+            )
+        else:
+            self.roi_heads = self._roi_heads(names, box_head(), num_classes, cfg, mask_kwargs)
+        self.rpn.box_coder = Float32BoxCoder(self.rpn.box_coder.weights)
+        self.roi_heads.box_coder = Float32BoxCoder(self.roi_heads.box_coder.weights)
+        self.masks = masks
+
+    @staticmethod
+    def _roi_heads(
+        names: list[str], box_head: nn.Module, num_classes: int, cfg: RCNNConfig, mask_kwargs: dict
+    ):
+        return RoIHeads(
             MultiScaleRoIAlign(names, 7, 2),
             box_head,
             FastRCNNPredictor(cfg.fc_channels, num_classes + 1),
@@ -127,9 +174,6 @@ class RCNNHead(nn.Module):
             detections_per_img=cfg.detections_per_image,
             **mask_kwargs,
         )
-        self.rpn.box_coder = Float32BoxCoder(self.rpn.box_coder.weights)
-        self.roi_heads.box_coder = Float32BoxCoder(self.roi_heads.box_coder.weights)
-        self.masks = masks
 
     def targets(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Padded batch arrays -> torchvision's per-image target dicts (labels 1-based)."""
