@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gppf.cka import cka_matrix, linear_cka
-from tests.test_commands import _run
+from gppf.cka import main as cka_main
 
 
 def test_linear_cka_equals_a_hand_computed_value():
@@ -45,7 +45,8 @@ def test_invariances_and_both_forms_agree():
 def test_cka_command_against_itself_writes_ones_and_a_heat_map(staged_run, tmp_path):
     result, _, _ = staged_run
     ckpt = result["checkpoint"]
-    _run("gppf.cka", ckpt, ckpt, "--task", "cls", "--max-images", "8", "-o", str(tmp_path))
+    # The command's main in this process: a subprocess would start a Ray of its own (~15 s).
+    cka_main([ckpt, ckpt, "--task", "cls", "--max-images", "8", "-o", str(tmp_path)])
     same = json.loads((tmp_path / "cka.json").read_text())
     assert same["a"]["layers"] == ["stem", "layer1.0", "layer2.0", "layer3.0", "layer4.0"]
     assert same["images"] == 8

@@ -1,4 +1,5 @@
-"""Every `python -m gppf.*` command, run as a user runs it, on the staged test run's outputs."""
+"""Every `python -m gppf.*` command, run as a user runs it, on the staged test run's outputs
+(`gppf.cka` in tests/test_cka.py; the last test checks that no command is left untested)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,23 @@ def test_demo_data_writes_every_dataset(tmp_path):
     assert meta["n_train"] == 8 and meta["n_val"] == 4
     for sub in ("classification", "classification_parquet", "segmentation", "detection", "depth"):
         assert any((tmp_path / sub).iterdir()), sub
+
+
+def test_every_command_is_run_by_some_test():
+    """A module of gppf with a `__main__` block is a command users run: some test must run it
+    (`_run("gppf.<name>", ...)`, `python -m gppf.<name>`, or its `main(argv)` in process)."""
+    root = Path(__file__).resolve().parents[1]
+    commands = {
+        f"gppf.{p.stem}"
+        for p in (root / "platform" / "gppf").rglob("*.py")
+        if 'if __name__ == "__main__":' in p.read_text()
+    }
+    tests = "\n".join(p.read_text() for p in (root / "tests").glob("test_*.py"))
+    untested = sorted(
+        c
+        for c in commands
+        if not any(
+            form in tests for form in (f'"{c}"', f"-m {c}", f"{c.split('.')[1]}.main(", f"{c} import main")
+        )
+    )
+    assert commands and not untested, untested
