@@ -130,7 +130,6 @@ def coco_ap(
 
 
 LVIS_MAX_DETS = 300  # detections kept per image, as LVISResults does (the LVIS paper's protocol)
-LVIS_KEYS = {"images": ("neg_category_ids", "not_exhaustive_category_ids"), "categories": ("frequency",)}
 _FREQUENCIES = ("r", "c", "f")  # rare, common, frequent: LVIS's bins of training-image counts
 
 
@@ -150,8 +149,9 @@ def lvis_ap(
 ) -> dict[str, float]:
     """LVIS's federated AP, AP50, APr, APc and APf (in %) for each IoU type.
 
-    `gt` must carry LVIS's keys (LVIS_KEYS). A frequency group none of whose categories has a
-    ground-truth object in the evaluated images has no AP (LVISEval's -1): it is left out."""
+    `gt` must carry LVIS's keys, as `load_coco(..., lvis=True)` checks and keeps them. A
+    frequency group none of whose categories has a ground-truth object in the evaluated images
+    has no AP (LVISEval's -1): it is left out."""
     from faster_coco_eval import COCO as FasterCOCO
     from faster_coco_eval import COCOeval_faster
 
