@@ -138,8 +138,8 @@ def full_config(data_root: str) -> JobConfig:
                 "train_labels": "annotations/training",
                 "val_images": "images/validation",
                 "val_labels": "annotations/validation",
-                # ADE20K labels: 0 = "other" (ignored), 1..150 = classes
-                "label_map": {i: i - 1 for i in range(1, 151)},
+                # ADE20K labels: 0 = "other" (ignored), 1..150 = classes (MMSeg's reduce_zero_label)
+                "reduce_zero_label": True,
             },
             "cocostuff": {
                 "type": "segmentation",
@@ -176,7 +176,6 @@ def demo_detection_task(root: Path | UriPath) -> dict:
         "batch_size": 4,
         "input_size": 128,
         "lsj_scale": [0.5, 1.5],
-        "max_instances": 16,  # the demo images hold at most 4 shapes (8 after copy-paste)
         "head": {
             "fpn_channels": 64,
             "conv_channels": 32,

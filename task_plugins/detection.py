@@ -9,9 +9,10 @@ or LVIS's federated AP with `evaluation: lvis`.
 Layout (relative to data_root, COCO's by default): `train_images`/, `val_images`/ and the two
 annotation files. Boxes only (Objects365, Open Images): `masks: false` gives Faster R-CNN.
 
-Batches carry fixed-shape arrays so they travel through Ray Data like any other task's:
-instances are padded to `max_instances` (label -1) and masks are bit-packed (input_size² / 8 bytes
-per instance).
+Training batches carry fixed-size images and every instance of each: boxes, labels and masks
+are ragged columns (their count differs per image, gppf.data.batches), masks bit-packed
+(input_size² / 8 bytes per instance). No instance is ever dropped; an image with more than
+`max_instances` (1000) objects after augmentation is an error that names it.
 
 Pseudo-labels (gppf.pseudo_labels): the images and one COCO file, at the train paths of this
 layout, of the detections scoring >= `score` (0.5), with their masks as RLE when `masks` is on.
@@ -60,7 +61,10 @@ class DetectionConfig(TaskConfig):
     # > 0: only the file name's last N components locate the image (Objects365: 2, "patchN/x.jpg")
     path_components: int = 0
     masks: bool = True  # Mask R-CNN; false: Faster R-CNN (box-only datasets)
-    max_instances: int = 100  # per training image after augmentation; more are dropped at random
+    # A hard limit on a training image's objects after augmentation (copy-paste adds some): more is
+    # an error naming the image, never a silent drop. 0: no limit. (LVIS's densest images hold
+    # several hundred; each object travels as an input_size^2 / 8-byte mask.)
+    max_instances: int = 1000
     lsj_scale: tuple[float, float] = (0.1, 2.0)
     copy_paste: float = 0.5  # probability that an image receives the objects of another (masks only)
     coco_eval: str = "faster_coco_eval"  # the COCOeval: faster_coco_eval (C++) or pycocotools
@@ -268,31 +272,39 @@ class DetectionTask(Task):
                     if len(labels[i])
                     else torch.zeros(0, 4)
                 )
-        return self._pack(images, boxes, labels, masks, batch, seed)
+        return self._pack(images, boxes, labels, masks, batch)
 
-    def _pack(self, images, boxes, labels, masks, batch, seed) -> dict[str, np.ndarray]:
-        s, n, m_max = self.cfg.input_size, len(images), self.cfg.max_instances
+    def _pack(self, images, boxes, labels, masks, batch) -> dict[str, np.ndarray]:
+        """Fixed-size images and, per image, all of its instances: `boxes` [k, 4], `labels` [k]
+        and bit-packed `masks` [k, s*s/8] are ragged columns (k differs per image, gppf.data.batches),
+        so no object is ever dropped (a dropped object would train as background). An image with
+        more than `max_instances` objects is an error naming it."""
+        s, n = self.cfg.input_size, len(images)
         out = {
             "image": np.empty((n, 3, s, s), dtype=np.uint8),
-            "boxes": np.zeros((n, m_max, 4), dtype=np.float32),
-            "labels": np.full((n, m_max), -1, dtype=np.int64),
+            "boxes": np.empty(n, dtype=object),
+            "labels": np.empty(n, dtype=object),
             "size": np.full((n, 2), s, dtype=np.int64),
         }
         if self.cfg.masks:
-            out["masks"] = np.zeros((n, m_max, s * s // 8), dtype=np.uint8)
+            out["masks"] = np.empty(n, dtype=object)
         for i in range(n):
             out["image"][i] = images[i].numpy()
             b = boxes[i]
             wh = b[:, 2:] - b[:, :2]
-            keep = torch.nonzero((wh >= 1).all(1)).flatten()
-            if len(keep) > m_max:  # documented: extra instances dropped at random
-                rng = sample_rng(seed, str(batch["path"][i]) + "drop")
-                keep = keep[torch.from_numpy(np.sort(rng.permutation(len(keep))[:m_max]))]
+            keep = torch.nonzero((wh >= 1).all(1)).flatten()  # boxes the crop cut to under a pixel
             k = len(keep)
-            out["boxes"][i, :k] = b[keep].numpy()
-            out["labels"][i, :k] = labels[i][keep].numpy()
-            if self.cfg.masks and k:  # k = 0: the crop left no object (a negative image)
-                out["masks"][i, :k] = np.packbits(masks[i][keep].numpy().astype(bool).reshape(k, -1), axis=1)
+            if self.cfg.max_instances and k > self.cfg.max_instances:
+                raise BadSampleError(
+                    f"task {self.name!r}: image {batch['path'][i]} has {k} objects after augmentation, "
+                    f"more than tasks.{self.name}.max_instances={self.cfg.max_instances}; raise the limit "
+                    "(each object costs input_size^2 / 8 bytes of mask in transport) or remove the image"
+                )
+            out["boxes"][i] = b[keep].numpy().astype(np.float32).reshape(k, 4)
+            out["labels"][i] = labels[i][keep].numpy().astype(np.int64)
+            if self.cfg.masks:  # k = 0: the crop left no object (a negative image)
+                bits = masks[i][keep].numpy().astype(bool).reshape(k, s * s)
+                out["masks"][i] = np.packbits(bits, axis=1).reshape(k, s * s // 8)
         return out
 
     def _eval_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

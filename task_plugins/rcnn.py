@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from gppf.data.batches import rows
 from gppf.task import FeatureInfo
 from task_plugins.cascade import CascadeRoIHeads, CascadeStage, stage_box_weights
 
@@ -175,16 +177,16 @@ class RCNNHead(nn.Module):
             **mask_kwargs,
         )
 
-    def targets(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """Padded batch arrays -> torchvision's per-image target dicts (labels 1-based)."""
-        out = []
+    def targets(self, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        """The batch's ragged instance columns -> torchvision's per-image target dicts (labels 1-based)."""
         size = batch["image"].shape[-1]
-        for i in range(batch["labels"].shape[0]):
-            keep = batch["labels"][i] >= 0
-            t = {"boxes": batch["boxes"][i][keep].float(), "labels": batch["labels"][i][keep] + 1}
-            if self.masks:
-                t["masks"] = unpack_masks(batch["masks"][i][keep], size)
-            out.append(t)
+        out = [
+            {"boxes": boxes.float().reshape(-1, 4), "labels": labels.long() + 1}
+            for boxes, labels in zip(rows(batch["boxes"]), rows(batch["labels"]))
+        ]
+        if self.masks:
+            for t, packed in zip(out, rows(batch["masks"])):
+                t["masks"] = unpack_masks(packed, size)
         return out
 
     def forward(

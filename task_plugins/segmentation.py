@@ -1,13 +1,24 @@
-"""Semantic segmentation: image + PNG label pairs, UperNet + auxiliary FCN head, mIoU.
+"""Semantic segmentation: image + PNG label pairs, UperNet + auxiliary FCN head, mIoU, all at
+MMSegmentation's protocol (GPPF §4.1 "follow[s] the training settings in MMSegmentation").
 
 Layout (relative to data_root, configurable): train/images/<stem>.{jpg,png} with
 train/labels/<stem>.png, and the same under val/. `train_list` / `val_list` name a text file of
 stems instead of listing the image directory (Pascal VOC's ImageSets). Label pixels are class ids,
-`ignore_index` (255) marks void. `label_map` remaps raw ids first (ADE20K's 0 = "other", COCO-Stuff's
-sparse ids); raw ids missing from a non-empty map become ignore.
+`ignore_index` (255) marks void. `reduce_zero_label` is MMSeg's (ADE20K: 0 = "other" becomes
+ignore, every other id drops by one); `label_map` then remaps ids (COCO-Stuff's sparse ids); ids
+missing from a non-empty map become ignore.
 
-Pseudo-labels (gppf.pseudo_labels) are written in this layout: the teacher's class where its
-softmax is >= `confidence` (0.3), ignore_index elsewhere, in raw ids when there is a label_map.
+Training (task_plugins.seg_transforms): a keep-ratio resize to `scale` x a ratio from
+`ratio_range`, a random `input_size` crop redrawn while one class covers >= `cat_max_ratio` of it,
+a flip, MMSeg's photometric distortion, padding to the crop size (label: ignore). The loss is
+MMSeg's cross-entropy, averaged over every pixel of the crop (`avg_non_ignore` false, MMSeg's
+default). Evaluation: each image at its keep-ratio test size (`scale`), whole or sliding-window
+(`eval_mode`), logits resized back to the label's original size, and mIoU accumulated there.
+Evaluation batches are ragged (each image and label its own size, gppf.data.batches) and are
+padded on the device.
+
+Pseudo-labels (gppf.pseudo_labels) are written in this layout at the images' original size: the
+teacher's class where its softmax is >= `confidence` (0.3), ignore_index elsewhere, in raw ids.
 """
 
 from __future__ import annotations
@@ -18,15 +29,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
 from gppf import storage
-from gppf.data.images import BadSampleError, open_image, random_resized_crop_box, sample_rng, to_chw_uint8
+from gppf.data.batches import pad_stack, rows
+from gppf.data.images import IMAGENET_MEAN, BadSampleError, open_image, sample_rng, to_chw_uint8
 from gppf.data.stream import items_dataset
 from gppf.registry import register_task
 from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
+from task_plugins import seg_transforms as T
 from task_plugins.pseudo_label_formats import confident_labels, label_image, link_image, raw_label_ids
 from task_plugins.upernet import UperNetWithAux
 
@@ -35,12 +47,15 @@ if TYPE_CHECKING:
     from gppf.storage import UriPath
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
+EVAL_MODES = ("whole", "slide")
+PAD_COLOUR = np.round(IMAGENET_MEAN * 255).astype(np.uint8)  # normalises to ~0
 
 
 @dataclass
 class SegmentationConfig(TaskConfig):
     num_classes: int = 0  # required
     ignore_index: int = 255
+    input_size: int = 512  # the training crop (MMSeg's crop_size) and the sliding window
     train_images: str = "train/images"
     train_labels: str = "train/labels"
     val_images: str = "val/images"
@@ -48,6 +63,18 @@ class SegmentationConfig(TaskConfig):
     train_list: str = ""  # optional: a file of image stems, one per line (relative to data_root)
     val_list: str = ""
     label_map: dict[int, int] = field(default_factory=dict)
+    reduce_zero_label: bool = False  # MMSeg's: 0 -> ignore, id -> id - 1 (ADE20K), before label_map
+    # MMSeg's ADE20K / COCO-Stuff 164k / VOC 2012 aug pipeline (task_plugins.seg_transforms):
+    # keep-ratio resize bounds (long side, short side); empty: (4 x input_size, input_size),
+    # MMSeg's (2048, 512) for its 512 crop
+    scale: tuple[int, ...] = ()
+    ratio_range: tuple[float, float] = (0.5, 2.0)  # training: scale x a ratio drawn from this
+    cat_max_ratio: float = 0.75  # training crop: redrawn while one class covers this much of it
+    flip_prob: float = 0.5
+    photometric: bool = True  # MMSeg's PhotoMetricDistortion
+    avg_non_ignore: bool = False  # MMSeg's CrossEntropyLoss: False = mean over every crop pixel
+    eval_mode: str = "whole"  # "whole": one forward per image; "slide": input_size windows
+    slide_stride: int = 341  # MMSeg's stride of 512-pixel windows
     head: str = "upernet"  # "upernet" (UperNet + auxiliary FCN, GPPF §4.1) or "simple" (light FPN)
     head_channels: int = 512  # MMSeg's UperNet width
     aux_channels: int = 256
@@ -88,8 +115,27 @@ def paired_files(
     return [{"image": str(f), key: str(other_dir / f"{f.stem}.png")} for f in images]
 
 
+def original_logits(
+    logits: torch.Tensor, batch: dict[str, Any], i: int, size: tuple[int, int]
+) -> torch.Tensor:
+    """Image i's [C, H, W] logits at its original size `size`, as MMSeg's postprocessing: resized
+    to the (padded) network input, the padding cut off (`batch["size"]`, the image's own input
+    size; absent: no padding), resized to the original size (bilinear, align_corners=False)."""
+    x = logits[i : i + 1].float()
+    if "image" in batch and torch.is_tensor(batch["image"]):
+        x = match_size(x, batch["image"])
+    if "size" in batch:
+        h, w = (int(v) for v in batch["size"][i])
+        x = x[..., :h, :w]
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return x[0]
+
+
 class MIoUEvaluator(Evaluator):
-    """mIoU from a confusion matrix accumulated over all pixels not equal to ignore_index."""
+    """mIoU (MMSeg's IoUMetric) from a confusion matrix over every pixel of the labels at their
+    original resolution, except `ignore_index`: each prediction is brought to its label's size
+    (`original_logits`), never the label to the prediction's."""
 
     primary = "mIoU"
 
@@ -98,12 +144,13 @@ class MIoUEvaluator(Evaluator):
         self.ignore = ignore_index
         self.conf = torch.zeros(num_classes, num_classes, dtype=torch.float64)
 
-    def update(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        pred = match_size(outputs, batch["mask"]).argmax(1).flatten().cpu()
-        gt = batch["mask"].flatten().cpu()
-        keep = gt != self.ignore
-        idx = gt[keep].long() * self.n + pred[keep].long()
-        self.conf += torch.bincount(idx, minlength=self.n * self.n).reshape(self.n, self.n).double()
+    def update(self, outputs: torch.Tensor, batch: dict[str, Any]) -> None:
+        for i, gt in enumerate(rows(batch["mask"])):
+            pred = original_logits(outputs, batch, i, tuple(gt.shape[-2:])).argmax(0).flatten()
+            gt = gt.flatten().to(pred.device)
+            keep = gt != self.ignore
+            idx = gt[keep].long() * self.n + pred[keep].long()
+            self.conf += torch.bincount(idx, minlength=self.n * self.n).reshape(self.n, self.n).double().cpu()
 
     def state(self) -> torch.Tensor:
         return self.conf.flatten().clone()
@@ -114,7 +161,7 @@ class MIoUEvaluator(Evaluator):
     def compute(self) -> dict[str, float]:
         tp = self.conf.diag()
         union = self.conf.sum(0) + self.conf.sum(1) - tp
-        present = union > 0
+        present = union > 0  # MMSeg's nanmean: a class in neither labels nor predictions has no IoU
         iou = tp[present] / union[present]
         acc = tp.sum() / self.conf.sum().clamp(min=1)
         return {
@@ -160,11 +207,24 @@ class SegmentationTask(Task):
         top = max(self.cfg.num_classes - 1, self.cfg.ignore_index)
         return np.uint8 if top <= 255 else np.int16 if top <= 32767 else np.int32
 
-    def to_device(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """Training crops arrive stacked. Evaluation images arrive ragged (each at its own test
+        size): they are padded into one batch with 0, the mean colour after normalisation, and
+        `size` keeps each one's (h, w); labels stay a list at their original sizes."""
         out = super().to_device(batch, device)
+        if isinstance(out.get("image"), list):
+            out["image"], sizes = pad_stack(out["image"], 0.0)
+            out["size"] = sizes.to(device)
         if "mask" in out:
-            out["mask"] = out["mask"].long()
+            m = out["mask"]
+            out["mask"] = [x.long() for x in m] if isinstance(m, list) else m.long()
         return out
+
+    @property
+    def scale(self) -> tuple[int, int]:
+        """(long, short) bounds of the keep-ratio resize (training multiplies them by a ratio)."""
+        s = self.cfg.scale
+        return (int(s[0]), int(s[1])) if s else (4 * self.cfg.input_size, self.cfg.input_size)
 
     def _dirs(self, split: str) -> tuple[Path | UriPath, Path | UriPath]:
         root = storage.path(self.cfg.data_root)
@@ -178,8 +238,23 @@ class SegmentationTask(Task):
 
     def check_config(self) -> None:
         """The config's own errors, no files (a multihead task checks its heads with this)."""
-        if self.cfg.num_classes <= 0:
-            raise ValueError(f"tasks.{self.name}.num_classes must be set (> 0) for a segmentation task")
+        c, where = self.cfg, f"tasks.{self.name}"
+        if c.num_classes <= 0:
+            raise ValueError(f"{where}.num_classes must be set (> 0) for a segmentation task")
+        if c.scale and (len(c.scale) != 2 or min(c.scale) < 1):
+            raise ValueError(f"{where}.scale must be two positive sizes (long, short side), got {c.scale}")
+        if len(c.ratio_range) != 2 or not 0 < c.ratio_range[0] <= c.ratio_range[1]:
+            raise ValueError(f"{where}.ratio_range must be (lo, hi) with 0 < lo <= hi, got {c.ratio_range}")
+        if not 0 < c.cat_max_ratio <= 1:
+            raise ValueError(f"{where}.cat_max_ratio must be in (0, 1] (1: off), got {c.cat_max_ratio}")
+        if not 0 <= c.flip_prob <= 1:
+            raise ValueError(f"{where}.flip_prob must be in [0, 1], got {c.flip_prob}")
+        if c.eval_mode not in EVAL_MODES:
+            raise ValueError(f"{where}.eval_mode must be one of {', '.join(EVAL_MODES)}, got {c.eval_mode!r}")
+        if c.eval_mode == "slide" and not 0 < c.slide_stride <= c.input_size:
+            raise ValueError(
+                f"{where}.slide_stride must be in (0, input_size={c.input_size}], got {c.slide_stride}"
+            )
 
     def check_data(self) -> None:
         self.check_config()
@@ -210,71 +285,121 @@ class SegmentationTask(Task):
         if arr.ndim != 2:
             raise BadSampleError(f"task {self.name!r}: label {path} must be a single-channel PNG")
         arr = arr.astype(np.int64)
+        ignore = self.cfg.ignore_index
+        if self.cfg.reduce_zero_label:  # MMSeg's LoadAnnotations(reduce_zero_label=True)
+            arr = np.where(arr == 0, ignore, arr - 1)
+            arr[arr == ignore - 1] = ignore
         if self.cfg.label_map:
-            lut = np.full(max(256, arr.max() + 1), self.cfg.ignore_index, dtype=np.int64)
+            lut = np.full(max(256, arr.max() + 1), ignore, dtype=np.int64)
             for k, v in self.cfg.label_map.items():
                 lut[int(k)] = v
-            lut[self.cfg.ignore_index] = self.cfg.ignore_index
+            lut[ignore] = ignore
             arr = lut[arr]
-        bad = (arr >= self.cfg.num_classes) & (arr != self.cfg.ignore_index)
+        bad = (arr >= self.cfg.num_classes) & (arr != ignore)
         if bad.any():
             raise BadSampleError(
                 f"task {self.name!r}: label {path} has class id {int(arr[bad][0])} outside "
-                f"[0, {self.cfg.num_classes}) (ignore index {self.cfg.ignore_index})"
+                f"[0, {self.cfg.num_classes}) (ignore index {ignore})"
             )
-        return arr.astype(np.int32)  # int32 PIL images ("I") resize with NEAREST; uint8 would wrap ids > 255
+        return arr.astype(self._mask_dtype())
+
+    def _test_image(self, path: str) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The image at its test size (MMSeg's Resize(scale, keep_ratio=True)) and its original (h, w)."""
+        img = open_image(path, self.name, f"image {path}")
+        w, h = img.size
+        nw, nh = T.rescale_size(w, h, self.scale)
+        return T.resize_image(torch.from_numpy(to_chw_uint8(img)), (nh, nw)), (h, w)
+
+    def _train_sample(self, ipath: str, lpath: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        c, size = self.cfg, self.cfg.input_size
+        rng = sample_rng(seed, ipath)
+        img = open_image(ipath, self.name, f"image {ipath}")
+        label = torch.from_numpy(self._load_label(lpath, img.size, ipath))
+        nw, nh = T.rescale_size(*img.size, T.random_scale(rng, self.scale, tuple(c.ratio_range)))
+        image = T.resize_image(torch.from_numpy(to_chw_uint8(img)), (nh, nw))
+        label = T.resize_label(label, (nh, nw))
+        y0, y1, x0, x1 = T.crop_box(rng, label.numpy(), size, c.cat_max_ratio, c.ignore_index)
+        image, label = image[:, y0:y1, x0:x1], label[y0:y1, x0:x1]
+        if rng.random() < c.flip_prob:
+            image, label = image.flip(-1), label.flip(-1)
+        hwc = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+        if c.photometric:
+            hwc = T.photometric_distortion(rng, hwc)
+        out_img = np.empty((3, size, size), dtype=np.uint8)
+        out_img[:] = PAD_COLOUR[:, None, None]  # 0 after normalisation, as MMSeg pads normalised images
+        out_img[:, : hwc.shape[0], : hwc.shape[1]] = hwc.transpose(2, 0, 1)
+        out_lbl = np.full((size, size), c.ignore_index, dtype=self._mask_dtype())
+        out_lbl[: label.shape[0], : label.shape[1]] = label.numpy()
+        return out_img, out_lbl
 
     def preprocess(self, batch: dict[str, np.ndarray], train: bool, seed: int) -> dict[str, np.ndarray]:
-        size = self.cfg.input_size
         n = len(batch["image"])
-        images = np.empty((n, 3, size, size), dtype=np.uint8)
-        masks = np.empty((n, size, size), dtype=self._mask_dtype())
+        if train:
+            size = self.cfg.input_size
+            images = np.empty((n, 3, size, size), dtype=np.uint8)
+            masks = np.empty((n, size, size), dtype=self._mask_dtype())
+            for i in range(n):
+                images[i], masks[i] = self._train_sample(str(batch["image"][i]), str(batch["label"][i]), seed)
+            return {"image": images, "mask": masks}
+        images, masks = np.empty(n, dtype=object), np.empty(n, dtype=object)
         for i in range(n):
             ipath, lpath = str(batch["image"][i]), str(batch["label"][i])
-            img = open_image(ipath, self.name, f"image {ipath}")
-            lbl = Image.fromarray(self._load_label(lpath, img.size, ipath))
-            if train:
-                rng = sample_rng(seed, ipath)
-                box = random_resized_crop_box(rng, *img.size, scale=(0.3, 1.0))
-                img = img.resize((size, size), Image.BILINEAR, box=box)
-                lbl = lbl.resize((size, size), Image.NEAREST, box=box)
-                if rng.random() < 0.5:
-                    img = img.transpose(Image.FLIP_LEFT_RIGHT)
-                    lbl = lbl.transpose(Image.FLIP_LEFT_RIGHT)
-            else:
-                img = img.resize((size, size), Image.BILINEAR)
-                lbl = lbl.resize((size, size), Image.NEAREST)
-            images[i] = to_chw_uint8(img)
-            masks[i] = np.asarray(lbl)
+            image, (h, w) = self._test_image(ipath)
+            images[i] = image.numpy()
+            masks[i] = self._load_label(lpath, (w, h), ipath)  # the original resolution
         return {"image": images, "mask": masks}
+
+    def infer(self, forward, batch: dict[str, Any]) -> torch.Tensor:
+        """Logits at the (padded) input size: one forward (MMSeg's whole inference), or
+        input_size windows every slide_stride pixels averaged where they overlap (slide)."""
+        x = batch["image"]
+        if self.cfg.eval_mode == "whole":
+            return match_size(forward(x), x)
+        n, _, h, w = x.shape
+        total, count = None, x.new_zeros(1, 1, h, w)
+        for y0, y1, x0, x1 in T.slide_windows(h, w, self.cfg.input_size, self.cfg.slide_stride):
+            crop = x[:, :, y0:y1, x0:x1]
+            logits = match_size(forward(crop), crop).float()
+            if total is None:
+                total = x.new_zeros(n, logits.shape[1], h, w, dtype=torch.float32)
+            total[:, :, y0:y1, x0:x1] += logits
+            count[:, :, y0:y1, x0:x1] += 1
+        return total / count
 
     # -- pseudo-labels: image + label PNG (class id where the teacher is confident, else ignore) --
     def pseudo_inputs(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        size, n = self.cfg.input_size, len(batch["path"])
-        images = np.empty((n, 3, size, size), dtype=np.uint8)
-        orig = np.empty((n, 2), dtype=np.int64)
+        n = len(batch["path"])
+        images = np.empty(n, dtype=object)
+        orig, size = np.empty((n, 2), dtype=np.int64), np.empty((n, 2), dtype=np.int64)
         for i in range(n):
-            path = str(batch["path"][i])
-            img = open_image(path, self.name, f"image {path}")
-            orig[i] = (img.height, img.width)
-            images[i] = to_chw_uint8(img.resize((size, size), Image.BILINEAR))  # as evaluation resizes
-        return {"image": images, "orig_size": orig, "path": np.asarray(batch["path"])}
+            image, orig[i] = self._test_image(str(batch["path"][i]))  # as evaluation sees images
+            images[i], size[i] = image.numpy(), image.shape[-2:]
+        # `size`: each image's own part of the padded batch, which `infer`'s logits cover
+        return {"image": images, "size": size, "orig_size": orig, "path": np.asarray(batch["path"])}
 
     def write_pseudo_labels(
-        self, outputs: torch.Tensor, inputs: dict[str, np.ndarray], out: Path, cfg: PseudoLabelConfig
+        self, outputs: torch.Tensor, inputs: dict[str, Any], out: Path, cfg: PseudoLabelConfig
     ) -> list[dict[str, Any]]:
         records = []
-        for i, logits in enumerate(outputs.float().cpu()):
+        for i in range(len(inputs["path"])):
             h, w = (int(v) for v in inputs["orig_size"][i])
-            logits = F.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)
-            ids = confident_labels(logits[0].softmax(0).numpy(), cfg.confidence, self.cfg.ignore_index)
+            logits = original_logits(outputs, inputs, i, (h, w))
+            ids = confident_labels(logits.softmax(0).cpu().numpy(), cfg.confidence, self.cfg.ignore_index)
             src = Path(str(inputs["path"][i]))
             link_image(src, out / self.cfg.train_images / src.name)
             png = out / self.cfg.train_labels / f"{src.stem}.png"
             png.parent.mkdir(parents=True, exist_ok=True)
-            label_image(raw_label_ids(ids, self.cfg.label_map, self.cfg.ignore_index)).save(png)
+            label_image(self._raw_ids(ids)).save(png)
             records.append({"stem": src.stem, "kept": float((ids != self.cfg.ignore_index).mean())})
         return records
+
+    def _raw_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Class ids as this task's label files store them (the inverse of _load_label's maps)."""
+        ignore = self.cfg.ignore_index
+        ids = raw_label_ids(ids, self.cfg.label_map, ignore)
+        if self.cfg.reduce_zero_label:
+            ids = np.where(ids == ignore, ignore, ids + 1)
+        return ids
 
     def finish_pseudo_labels(self, records: list[dict[str, Any]], out: Path) -> dict[str, float]:
         if self.cfg.train_list:  # a listed layout (Pascal VOC's ImageSets) lists the labelled stems
@@ -298,10 +423,14 @@ class SegmentationTask(Task):
         raise ValueError(f"tasks.{self.name}.head must be 'upernet' or 'simple', got {self.cfg.head!r}")
 
     def _ce(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MMSeg's CrossEntropyLoss: the sum over non-ignored pixels divided by every pixel of the
+        batch (avg_non_ignore=False, its default) or by the non-ignored ones (True; then a crop
+        that is all void gives 0, not NaN)."""
         logits = match_size(logits, mask)
-        # Sum / valid pixels: a crop that is all void gives 0, not NaN (which would stop the run).
-        valid = (mask != self.cfg.ignore_index).sum().clamp(min=1)
-        return F.cross_entropy(logits, mask, ignore_index=self.cfg.ignore_index, reduction="sum") / valid
+        total = F.cross_entropy(logits, mask, ignore_index=self.cfg.ignore_index, reduction="sum")
+        if self.cfg.avg_non_ignore:
+            return total / (mask != self.cfg.ignore_index).sum().clamp(min=1)
+        return total / mask.numel()
 
     def loss(
         self, outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor], batch: dict[str, torch.Tensor]

@@ -24,13 +24,16 @@ def test_train_pre_is_deterministic_and_boxes_match_masks(demo_root):
     a = task.preprocess(_batch(task), train=True, seed=3)
     b = task.preprocess(_batch(task), train=True, seed=3)
     c = task.preprocess(_batch(task), train=True, seed=4)
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    same = lambda x, y: all(np.array_equal(u, v) for u, v in zip(x, y)) and len(x) == len(y)  # noqa: E731
+    assert all(same(a[k], b[k]) for k in a)
     assert not np.array_equal(a["image"], c["image"])
-    masks = unpack_masks(torch.from_numpy(a["masks"]), 96)
-    for i in range(len(a["labels"])):
-        keep = a["labels"][i] >= 0
-        assert keep.any()
-        for box, m in zip(a["boxes"][i][keep], masks[i][torch.from_numpy(keep)]):
+    for boxes, labels, packed in zip(a["boxes"], a["labels"], a["masks"]):
+        assert (
+            len(labels) > 0
+            and boxes.shape == (len(labels), 4)
+            and packed.shape == (len(labels), 96 * 96 // 8)
+        )
+        for box, m in zip(boxes, unpack_masks(torch.from_numpy(packed), 96)):
             ys, xs = torch.nonzero(m, as_tuple=True)  # tight box of the (cropped, occluded) mask
             assert box.tolist() == [
                 xs.min().item(),
@@ -41,14 +44,18 @@ def test_train_pre_is_deterministic_and_boxes_match_masks(demo_root):
 
 
 def test_image_left_without_objects_is_a_negative(demo_root):
-    """A crop can remove every object; the image then trains as a negative (all labels -1)."""
+    """A crop can remove every object; the image then trains as a negative (no instance)."""
     task = build_task("det", {**task_entries(demo_root)["det"], "input_size": 32})
     img = torch.zeros(3, 32, 32, dtype=torch.uint8)
     empty_masks = torch.zeros(0, 32, 32, dtype=torch.uint8)
     out = task._pack(
-        [img], [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.int64)], [empty_masks], _batch(task, 1), 0
+        [img], [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.int64)], [empty_masks], _batch(task, 1)
     )
-    assert (out["labels"] == -1).all() and not out["masks"].any()
+    assert (
+        out["labels"][0].shape == (0,)
+        and out["boxes"][0].shape == (0, 4)
+        and out["masks"][0].shape == (0, 128)
+    )
 
 
 def test_copy_paste_occludes_and_appends():
@@ -133,3 +140,70 @@ def test_group_norm_divides_any_head_width():
         gn = group_norm(channels)
         assert channels % gn.num_groups == 0
         gn(torch.randn(2, channels, 4, 4))
+
+
+def _dense_layout(root, n_objects: int):
+    """A COCO layout whose one training image holds `n_objects` 6 x 6 squares on a grid."""
+    import json
+
+    from PIL import Image
+
+    for d in ("train2017", "val2017", "annotations"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    anns = []
+    for k in range(n_objects):
+        x, y = 8 * (k % 15) + 1, 8 * (k // 15) + 1
+        poly = [x, y, x + 6, y, x + 6, y + 6, x, y + 6]
+        anns.append(
+            {
+                "id": k + 1,
+                "image_id": 1,
+                "category_id": 1 + k % 2,
+                "bbox": [x, y, 6, 6],
+                "area": 36,
+                "iscrowd": 0,
+                "segmentation": [poly],
+            }
+        )
+    doc = {
+        "images": [{"id": 1, "file_name": "dense.png", "height": 128, "width": 128}],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    }
+    for split in ("train2017", "val2017"):
+        Image.new("RGB", (128, 128), (90, 90, 90)).save(root / split / "dense.png")
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
+
+
+def test_a_dense_image_keeps_every_object_and_an_image_over_the_limit_is_named(tmp_path):
+    """180 objects all reach the loss (a cap that drops some would train them as background); an
+    image over tasks.<t>.max_instances is an error naming it."""
+    import pytest
+
+    from gppf.data.batches import collate_numpy
+    from gppf.data.images import BadSampleError
+
+    _dense_layout(tmp_path, 180)
+    entry = {
+        "type": "detection",
+        "data_root": str(tmp_path),
+        "input_size": 128,
+        "lsj_scale": [1.0, 1.0],
+        "copy_paste": 0.0,
+        "batch_size": 1,
+    }
+    task = build_task("dense", entry)
+    units = task.source("train").units
+    raw = {k: np.array([u[k] for u in units]) for k in units[0]}
+    out = task.preprocess(raw, train=True, seed=0)
+    assert out["labels"][0].shape == (180,) and out["boxes"][0].shape == (180, 4)
+    assert sorted(np.bincount(out["labels"][0]).tolist()) == [90, 90]
+    targets = task.build_head([__import__("gppf.task", fromlist=["FeatureInfo"]).FeatureInfo(8, 4)]).targets(
+        collate_numpy(out)
+    )
+    assert len(targets[0]["boxes"]) == 180 and targets[0]["masks"].shape == (180, 128, 128)
+    assert (targets[0]["masks"].flatten(1).sum(1) == 36).all()
+
+    strict = build_task("dense", {**entry, "max_instances": 150})
+    with pytest.raises(BadSampleError, match=r"dense\.png has 180 objects .*max_instances=150"):
+        strict.preprocess(raw, train=True, seed=0)

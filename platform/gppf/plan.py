@@ -90,6 +90,7 @@ class TaskPlan:
 def _one_batch(task, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
     """A training batch of `batch_size` through the task's own read + preprocess (units repeated
     when the split is smaller)."""
+    from gppf.data.batches import Collate
     from gppf.data.stream import StreamConfig, build_dataset, configure_data_context
 
     configure_data_context(StreamConfig())  # Ray Data's per-dataset INFO lines stay off the terminal
@@ -99,7 +100,10 @@ def _one_batch(task, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
         raise ValueError(f"task {task.name!r}: its train split is empty")
     units = (src.units * math.ceil(need / len(src.units)))[:need]
     ds = build_dataset(task, src.read, units, True, seed, StreamConfig())
-    return next(iter(ds.iter_torch_batches(batch_size=batch_size, drop_last=False, prefetch_batches=0)))
+    batches = ds.iter_torch_batches(
+        batch_size=batch_size, drop_last=False, prefetch_batches=0, collate_fn=Collate()
+    )
+    return next(iter(batches))
 
 
 def _cut(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:

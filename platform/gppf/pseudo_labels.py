@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from gppf.config import ConfigError
+from gppf.data.batches import collate_numpy
 from gppf.model import MultiTaskModel
 from gppf.task import Task
 
@@ -93,15 +94,8 @@ class Labeller:
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         inputs = self.task.pseudo_inputs(batch)
-        tensors = self.task.to_device(
-            {
-                k: torch.from_numpy(v)
-                for k, v in inputs.items()
-                if isinstance(v, np.ndarray) and v.dtype != object
-            },
-            self.device,
-        )
-        outputs, _ = self.model(tensors[self.task.input_key()], self.task.name, tensors)
+        tensors = self.task.to_device(collate_numpy(inputs), self.device)
+        outputs = self.task.infer(lambda x: self.model(x, self.task.name, tensors)[0], tensors)
         records = self.task.write_pseudo_labels(outputs, inputs, self.out, self.cfg)
         return {
             "index": np.asarray(batch["index"]),

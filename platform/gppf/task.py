@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gppf.config import ConfigError
+from gppf.data.batches import move
 from gppf.data.images import normalize_images
 
 if TYPE_CHECKING:
@@ -156,11 +157,19 @@ class Task:
     def to_device(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
         """The batch on `device`, its uint8 images normalised there (`pre` ships them as uint8:
         a quarter of the object-store bytes and of the host-to-device copy)."""
-        out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        out = {k: move(v, device) for k, v in batch.items()}
         for k in self.image_keys():
             if k in out:
-                out[k] = normalize_images(out[k])
+                v = out[k]
+                out[k] = [normalize_images(x) for x in v] if isinstance(v, list) else normalize_images(v)
         return out
+
+    def infer(self, forward: Callable[[torch.Tensor], Any], batch: dict[str, Any]) -> Any:
+        """Evaluation-mode outputs of a batch (on the device), which `evaluator().update` and
+        `write_pseudo_labels` take. `forward(x)` runs trunk, neck and this task's head on input
+        `x` with this batch; a plugin overrides this for inference of its own (MMSeg's
+        sliding-window segmentation runs `forward` once per window)."""
+        return forward(batch[self.input_key()])
 
     # -- extra training data ----------------------------------------------------------------
     def extra_train_units(self, read: Callable[[list[Any]], Any]) -> list[Any]:

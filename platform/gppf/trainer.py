@@ -348,7 +348,7 @@ class Trainer:
             for batch in eval_batches(task, self.rank, self.world, self.cfg.data, max_batches):
                 batch = task.to_device(batch, self.device)
                 with self.autocast():
-                    out, _ = self.model(batch[task.input_key()], task.name, batch)
+                    out = task.infer(lambda x, t=task, b=batch: self.model(x, t.name, b)[0], batch)
                 ev.update(out.float() if torch.is_tensor(out) else out, batch)
             ev.synchronize(self.device)
             results[task.name] = ev.compute()

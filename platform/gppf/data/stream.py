@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gppf.data.batches import Collate
 from gppf.data.subsets import train_source
 from gppf.task import Task
 
@@ -172,6 +173,7 @@ class TaskStream:
                         prefetch_batches=0,
                         local_shuffle_buffer_size=self.cfg.chunk_rows,
                         local_shuffle_seed=self.pass_seed(pass_idx) + i,
+                        collate_fn=Collate(),
                     ):
                         seen += 1
                         if seen > skip and not put((batch, pass_idx, seen)):
@@ -314,7 +316,11 @@ def eval_batches(
     ds = build_dataset(task, src.read, units, False, 0, cfg)
     if max_batches:
         ds = ds.limit(max_batches * task.cfg.batch_size)
-    return iter(ds.iter_torch_batches(batch_size=task.cfg.batch_size, drop_last=False, prefetch_batches=0))
+    return iter(
+        ds.iter_torch_batches(
+            batch_size=task.cfg.batch_size, drop_last=False, prefetch_batches=0, collate_fn=Collate()
+        )
+    )
 
 
 def _slices(units: list[Any], first: int, per: int) -> list[list[Any]]:
