@@ -154,11 +154,22 @@ def per_task_waits(lines: list[dict[str, Any]], tasks: list[str]) -> dict[str, d
 def rehearse(data_root: Path, run_dir: Path, steps: int, workers: int = 4) -> dict[str, Any]:
     """Run the rehearsal (Ray must be up, or it starts a local instance) and return its report."""
     from gppf.cli import main
+    from gppf.config import to_dict
 
     spec = importlib.util.spec_from_file_location("gppf_r50_job", ROOT / "jobs" / "gppf_r50.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    argv = ["--data-root", str(data_root), *overrides(run_dir, steps, workers)]
+    # The job's two stages, shortened: SIMT over the eight tasks, then LVIS's class-balanced
+    # classifier stage on the last tenth of the steps (at least one).
+    lvis_steps = max(1, steps // 10) if steps > 1 else 0
+    schedule = [to_dict(s) for s in job.stages(steps - lvis_steps, 10, lvis_steps)] if lvis_steps else []
+    argv = [
+        "--data-root",
+        str(data_root),
+        *overrides(run_dir, steps, workers),
+        "--set",
+        f"stages={schedule!r}",
+    ]
     t0 = time.time()
     with Monitor() as mon:
         metrics = main(job.__doc__, job.full_config, job.demo_config, argv)
@@ -192,6 +203,7 @@ def rehearse(data_root: Path, run_dir: Path, steps: int, workers: int = 4) -> di
         "object_store_peak_mb": mon.store_peak / 2**20,
         "worker_rss": rss,
         "final_eval": metrics["final_eval"],
+        "run_dir": str(run),
     }
 
 

@@ -30,8 +30,10 @@ sys.path[:0] = [
 from gppf import storage  # noqa: E402
 from gppf.backbone import BackboneConfig  # noqa: E402
 from gppf.cli import main  # noqa: E402
+from gppf.epochs import epochs_to_steps  # noqa: E402
 from gppf.job_config import JobConfig, OptimConfig, ScalingConfig, TrainConfig  # noqa: E402
 from gppf.lego import LegoConfig  # noqa: E402
+from gppf.stages import StageConfig  # noqa: E402
 from gppf.storage import UriPath  # noqa: E402
 
 # COCO-Stuff 164k label PNGs hold 0-based ids 0..181 (255 = unlabeled); these 11 COCO thing ids
@@ -74,97 +76,131 @@ def full_config(data_root: str) -> JobConfig:
     """
     root = storage.path(data_root)
     coco_layout = {"type": "detection", "sampling_weight": 2.5, "batch_size": 8}
-    return JobConfig(
-        name="gppf_r50",
-        tasks={
-            "in21k": {
-                "type": "classification",
-                "data_root": str(root / "imagenet21k"),
-                "sampling_weight": 4.0,
-                "batch_size": 96,
-                "input_size": 224,
-                # GPPF's classification recipe (timm): RandAugment, Random Erasing, Mixup, CutMix.
-                "auto_augment": "rand-m9-mstd0.5-inc1",
-                "reprob": 0.25,
-                "mixup": 0.8,
-                "cutmix": 1.0,
-                "label_smoothing": 0.1,
-                "crop_scale_min": 0.08,
-            },
-            "coco": {**coco_layout, "data_root": str(root / "coco")},
-            "lvis": {
-                **coco_layout,
-                "data_root": str(root),
-                "train_images": "coco",  # LVIS names images by coco_url: <split>/<file> under coco/
-                "val_images": "coco",
-                "train_annotations": "lvis/lvis_v1_train.json",
-                "val_annotations": "lvis/lvis_v1_val.json",
-                "image_key": "coco_url",
-                # LVIS's own metric: federated AP (APr/APc/APf) over its 300 detections an image.
-                "evaluation": "lvis",
-                "head": {"detections_per_image": 300},
-            },
-            "objects365": {
-                "type": "detection",
-                "data_root": str(root / "objects365"),
-                "sampling_weight": 4.0,
-                "batch_size": 12,
-                "masks": False,
-                "train_images": "train",
-                "val_images": "val",
-                "train_annotations": "annotations/zhiyuan_objv2_train.json",
-                "val_annotations": "annotations/zhiyuan_objv2_val.json",
-                "path_components": 2,  # "images/v1/patch8/x.jpg" is train/patch8/x.jpg on disk
-            },
-            "openimages": {
-                "type": "detection",
-                "data_root": str(root / "openimages"),
-                "sampling_weight": 4.0,
-                "batch_size": 12,
-                "masks": False,
-                "train_images": "train",
-                "val_images": "validation",
-                "train_annotations": "annotations/openimages_train_bbox.json",
-                "val_annotations": "annotations/openimages_val_bbox.json",
-            },
-            "ade20k": {
-                "type": "segmentation",
-                "data_root": str(root / "ADEChallengeData2016"),
-                "num_classes": 150,
-                "sampling_weight": 1.0,
-                "batch_size": 8,
-                "input_size": 512,
-                "train_images": "images/training",
-                "train_labels": "annotations/training",
-                "val_images": "images/validation",
-                "val_labels": "annotations/validation",
-                # ADE20K labels: 0 = "other" (ignored), 1..150 = classes (MMSeg's reduce_zero_label)
-                "reduce_zero_label": True,
-            },
-            "cocostuff": {
-                "type": "segmentation",
-                "data_root": str(root / "coco_stuff"),
-                "num_classes": 171,
-                "sampling_weight": 2.0,
-                "batch_size": 8,
-                "input_size": 512,
-                "train_images": "images/train2017",
-                "train_labels": "annotations/train2017",
-                "val_images": "images/val2017",
-                "val_labels": "annotations/val2017",
-                "label_map": COCO_STUFF_MAP,
-            },
-            "voc": voc_task(root),
+    tasks = {
+        "in21k": {
+            "type": "classification",
+            "data_root": str(root / "imagenet21k"),
+            "sampling_weight": 4.0,
+            "batch_size": 96,
+            "input_size": 224,
+            # GPPF's classification recipe (timm): RandAugment, Random Erasing, Mixup, CutMix.
+            "auto_augment": "rand-m9-mstd0.5-inc1",
+            "reprob": 0.25,
+            "mixup": 0.8,
+            "cutmix": 1.0,
+            "label_smoothing": 0.1,
+            "crop_scale_min": 0.08,
         },
+        "coco": {**coco_layout, "data_root": str(root / "coco")},
+        "lvis": {
+            **coco_layout,
+            "data_root": str(root),
+            "train_images": "coco",  # LVIS names images by coco_url: <split>/<file> under coco/
+            "val_images": "coco",
+            "train_annotations": "lvis/lvis_v1_train.json",
+            "val_annotations": "lvis/lvis_v1_val.json",
+            "image_key": "coco_url",
+            # LVIS's own metric: federated AP (APr/APc/APf) over its 300 detections an image.
+            "evaluation": "lvis",
+            "head": {"detections_per_image": 300},
+        },
+        "objects365": {
+            "type": "detection",
+            "data_root": str(root / "objects365"),
+            "sampling_weight": 4.0,
+            "batch_size": 12,
+            "masks": False,
+            "train_images": "train",
+            "val_images": "val",
+            "train_annotations": "annotations/zhiyuan_objv2_train.json",
+            "val_annotations": "annotations/zhiyuan_objv2_val.json",
+            "path_components": 2,  # "images/v1/patch8/x.jpg" is train/patch8/x.jpg on disk
+        },
+        "openimages": {
+            "type": "detection",
+            "data_root": str(root / "openimages"),
+            "sampling_weight": 4.0,
+            "batch_size": 12,
+            "masks": False,
+            "train_images": "train",
+            "val_images": "validation",
+            "train_annotations": "annotations/openimages_train_bbox.json",
+            "val_annotations": "annotations/openimages_val_bbox.json",
+        },
+        "ade20k": {
+            "type": "segmentation",
+            "data_root": str(root / "ADEChallengeData2016"),
+            "num_classes": 150,
+            "sampling_weight": 1.0,
+            "batch_size": 8,
+            "input_size": 512,
+            "train_images": "images/training",
+            "train_labels": "annotations/training",
+            "val_images": "images/validation",
+            "val_labels": "annotations/validation",
+            # ADE20K labels: 0 = "other" (ignored), 1..150 = classes (MMSeg's reduce_zero_label)
+            "reduce_zero_label": True,
+        },
+        "cocostuff": {
+            "type": "segmentation",
+            "data_root": str(root / "coco_stuff"),
+            "num_classes": 171,
+            "sampling_weight": 2.0,
+            "batch_size": 8,
+            "input_size": 512,
+            "train_images": "images/train2017",
+            "train_labels": "annotations/train2017",
+            "val_images": "images/val2017",
+            "val_labels": "annotations/val2017",
+            "label_map": COCO_STUFF_MAP,
+        },
+        "voc": voc_task(root),
+    }
+    cfg = JobConfig(
+        name="gppf_r50",
+        tasks=tasks,
         # Lego ResNet-50, N=2 units per layer, soft Gumbel-softmax, τ 5.0 -> 0.01 at 90 %, with
         # gradient checkpointing ("Model Checkpoint"): App. D.1.
         backbone=BackboneConfig(
             name="resnet50", kind="lego", lego=LegoConfig(num_units=2, mode="soft"), grad_checkpointing=True
         ),
         optim=OptimConfig(name="sgd", lr=0.16, momentum=0.9, weight_decay=5e-4, warmup_steps=50_000),
-        train=TrainConfig(steps=500_000, log_every=50, checkpoint_every=5000),
+        train=TrainConfig(log_every=50, checkpoint_every=5000),
+        stages=stages(500_000, 50_000, lvis_second_stage_steps(tasks, 56)),
         scaling=ScalingConfig(num_workers=56, use_gpu=True, cpus_per_worker=8, max_failures=3),
     )
+    cfg.train.steps = sum(s.steps for s in cfg.stages)
+    return cfg
+
+
+# LVIS v1's training images; the second stage is counted in epochs of them (gppf.epochs).
+LVIS_TRAIN_IMAGES = 100_170
+LVIS_CB_EPOCHS = 12  # unspecified by GPPF and Copy-Paste; the classifier-retraining papers' length
+LVIS_CLASSIFIER = "heads.lvis.roi_heads.box_predictor.cls_score.*"
+
+
+def lvis_second_stage_steps(tasks: dict, world: int, epochs: float = LVIS_CB_EPOCHS) -> int:
+    return epochs_to_steps(epochs, "lvis", tasks, {"lvis": LVIS_TRAIN_IMAGES}, world, stage_tasks=["lvis"])
+
+
+def stages(joint_steps: int, warmup_steps: int, lvis_steps: int) -> list[StageConfig]:
+    """App. D.1's 500k SIMT steps (cosine with 50k warmup over them alone), then Table 2's second
+    stage for LVIS [29]: every worker on LVIS, only the final classification layer trains, with
+    the class-balanced loss [24] (Cui et al.'s beta 0.999), at a tenth of the lr on a cosine of its
+    own; the trunk is frozen, so τ holds. LVIS's federated AP is reported after both stages."""
+    return [
+        StageConfig("joint", joint_steps, schedule="stage", warmup_steps=warmup_steps),
+        StageConfig(
+            "lvis_cb",
+            lvis_steps,
+            tasks=["lvis"],
+            train_only=[LVIS_CLASSIFIER],
+            task_options={"lvis": {"class_balanced_beta": 0.999}},
+            lr_factor=0.1,
+            schedule="stage",
+            tau_decay=False,
+        ),
+    ]
 
 
 def demo_detection_task(root: Path | UriPath) -> dict:

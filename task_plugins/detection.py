@@ -43,7 +43,7 @@ from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
 from task_plugins.coco_data import CocoIndex, load_coco
 from task_plugins.coco_eval import SCORERS, CocoEvaluator, detections_to_coco
 from task_plugins.pseudo_label_formats import coco_document, confident_annotations, link_image
-from task_plugins.rcnn import RCNNConfig, RCNNHead
+from task_plugins.rcnn import RCNNConfig, RCNNHead, class_balanced_weights
 
 if TYPE_CHECKING:
     from gppf.pseudo_labels import PseudoLabelConfig
@@ -390,6 +390,39 @@ class DetectionTask(Task):
     # -- model ----------------------------------------------------------------------------
     def build_head(self, features: list[FeatureInfo]) -> nn.Module:
         return RCNNHead(features, self.num_classes, self.cfg.masks, self.cfg.head)
+
+    def enter_stage(self, head: nn.Module, options: dict[str, Any], where: str) -> None:
+        """`class_balanced_beta` (in (0, 1)): the head trains its classifier with the
+        class-balanced loss, from this task's per-class training-instance counts (LVIS's second
+        stage); without it, the usual losses."""
+        unknown = sorted(set(options) - {"class_balanced_beta"})
+        if unknown:
+            raise ConfigError(
+                f"{where}: task_options.{self.name}.{unknown[0]} is not a detection stage option "
+                "(known: class_balanced_beta)"
+            )
+        beta = options.get("class_balanced_beta")
+        if beta is None:
+            head.class_weights = None
+            return
+        if not 0 < float(beta) < 1:
+            raise ConfigError(
+                f"{where}: task_options.{self.name}.class_balanced_beta must be in (0, 1), got {beta}"
+            )
+        if head.cascade:
+            raise ConfigError(
+                f"{where}: task {self.name!r} has a Cascade R-CNN head; the class-balanced stage "
+                "retrains a single final classifier (Mask / Faster R-CNN)"
+            )
+        head.class_weights = class_balanced_weights(self.instance_counts(), float(beta))
+
+    def instance_counts(self) -> list[int]:
+        """Training instances of each class (contiguous label order), from the train annotations."""
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        for img in self.index("train").images:
+            for a in img["anns"]:
+                counts[a[4]] += 1
+        return counts.tolist()
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(outputs.values())

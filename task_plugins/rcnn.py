@@ -9,6 +9,7 @@ so the head may not use cross-task BN, and the per-GPU batch of 2-12 images is t
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +80,16 @@ def group_norm(channels: int) -> nn.GroupNorm:
     always a divisor of `channels`."""
     groups = max(g for g in range(1, min(32, max(1, channels // 4)) + 1) if channels % g == 0)
     return nn.GroupNorm(groups, channels)
+
+
+def class_balanced_weights(counts: Sequence[int], beta: float) -> torch.Tensor:
+    """Cui et al.'s class-balanced weights, (1 - beta) / (1 - beta^n_c) for a class with n_c
+    training instances, scaled to mean 1 over the classes; background (index 0, a sampled RoI
+    label rather than an object class) keeps weight 1. Returns [len(counts) + 1]."""
+    n = torch.tensor([max(1, int(c)) for c in counts], dtype=torch.float64)
+    w = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), n))
+    w = w * len(counts) / w.sum()
+    return torch.cat([torch.ones(1, dtype=torch.float64), w]).float()
 
 
 def unpack_masks(packed: torch.Tensor, size: int) -> torch.Tensor:
@@ -157,6 +168,10 @@ class RCNNHead(nn.Module):
         self.rpn.box_coder = Float32BoxCoder(self.rpn.box_coder.weights)
         self.roi_heads.box_coder = Float32BoxCoder(self.roi_heads.box_coder.weights)
         self.masks = masks
+        self.cascade = cfg.cascade
+        # [classes + 1] per-class loss weights (background first) while a class-balanced stage
+        # runs (DetectionTask.enter_stage); None otherwise. Set by the stage, not saved.
+        self.class_weights: torch.Tensor | None = None
 
     @staticmethod
     def _roi_heads(
@@ -189,10 +204,29 @@ class RCNNHead(nn.Module):
                 t["masks"] = unpack_masks(packed, size)
         return out
 
+    def balanced_classifier_loss(
+        self, pyramid: dict[str, torch.Tensor], images: ImageList, batch: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """LVIS's second stage (GPPF Table 2, after Copy-Paste [29]): the final classification
+        layer retrained with the class-balanced loss of Cui et al. [24] on the RoIs the frozen
+        RPN and sampler give, sum_i w_{y_i} CE_i / N. The rest of the head is frozen in that
+        stage, so its losses would carry no gradient and are not computed."""
+        targets = self.targets(batch)
+        proposals, _ = self.rpn(images, pyramid, targets)
+        proposals, _, labels, _ = self.roi_heads.select_training_samples(proposals, targets)
+        features = self.roi_heads.box_head(
+            self.roi_heads.box_roi_pool(pyramid, proposals, images.image_sizes)
+        )
+        logits, _ = self.roi_heads.box_predictor(features)
+        labels = torch.cat(labels)
+        ce = F.cross_entropy(logits.float(), labels, reduction="none")
+        return {"loss_classifier_balanced": (self.class_weights.to(ce.device)[labels] * ce).mean()}
+
     def forward(
         self, feats: list[torch.Tensor], batch: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
-        """Training: the RPN and RoI losses. Evaluation: per-image detections (0-based labels)."""
+        """Training: the RPN and RoI losses (or the class-balanced classifier loss alone, while
+        `class_weights` is set). Evaluation: per-image detections (0-based labels)."""
         if self.fpn is not None:
             pyramid = self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
         else:  # LastLevelMaxPool's extra level, on the neck's levels
@@ -200,6 +234,8 @@ class RCNNHead(nn.Module):
             pyramid["pool"] = F.max_pool2d(feats[-1], 1, 2, 0)
         sizes = [(int(h), int(w)) for h, w in batch["size"].tolist()]
         images = ImageList(batch["image"], sizes)
+        if self.training and self.class_weights is not None:
+            return self.balanced_classifier_loss(pyramid, images, batch)
         targets = self.targets(batch) if self.training else None
         proposals, rpn_losses = self.rpn(images, pyramid, targets)
         detections, roi_losses = self.roi_heads(pyramid, proposals, sizes, targets)

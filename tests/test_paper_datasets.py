@@ -49,6 +49,14 @@ def test_eight_task_rehearsal_on_fake_paper_layouts(tmp_path, ray_session):
     assert report["max_step_s"] < 60  # after the first step (stream start-up), none stalls
     assert len(report["worker_rss"]) == 4 and all(m["peak_mb"] > 100 for m in report["worker_rss"].values())
     assert report["object_store_peak_mb"] > 0
+    # The job's second stage (LVIS's class-balanced classifier) ran last, on LVIS alone.
+    import json
+
+    lines = [json.loads(x) for x in (Path(report["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    stage_of = {m["step"]: (m["stage"], m["task_choices"]) for m in lines if "task_choices" in m}
+    assert [stage_of[s][0] for s in range(1, STEPS + 1)] == ["joint"] * (STEPS - 1) + ["lvis_cb"]
+    lvis = list(json.loads((Path(report["run_dir"]) / "config.json").read_text())["tasks"]).index("lvis")
+    assert {t for ranks in stage_of[STEPS][1] for t in ranks} == {lvis}
 
 
 def test_missing_dataset_names_task_and_path(tmp_path):

@@ -14,8 +14,8 @@ import ray.train
 
 from gppf import data_check, finetune, mt_metrics, storage, terminal
 from gppf.composite import attached_tasks, sampling_weights
-from gppf.config import to_dict
-from gppf.job_config import JobConfig
+from gppf.config import ConfigError, to_dict
+from gppf.job_config import JobConfig, TrainConfig
 from gppf.storage import UriPath
 from gppf.trainer import build_tasks
 
@@ -75,7 +75,14 @@ def validate(cfg: JobConfig) -> tuple[list[Task], StagePlan]:
     tasks = build_tasks(cfg)
     attached_tasks(tasks)  # composite-mode errors, too
     # Stage errors (unknown task, bad weights) surface here, before any worker starts.
-    return tasks, StagePlan(cfg.stages, sampling_weights(tasks), cfg.train.steps, cfg.optim.warmup_steps)
+    plan = StagePlan(cfg.stages, sampling_weights(tasks), cfg.train.steps, cfg.optim.warmup_steps)
+    if cfg.stages and cfg.train.steps not in (plan.total, TrainConfig().steps):
+        raise ConfigError(
+            f"config.train.steps={cfg.train.steps}, but the run is its stages, which add up to "
+            f"{plan.total} steps ({', '.join(f'{s.name} {s.steps}' for s in cfg.stages)}): set "
+            "the stages' steps instead"
+        )
+    return tasks, plan
 
 
 def _resolve_extra_roots(task: Task) -> None:

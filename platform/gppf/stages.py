@@ -5,11 +5,13 @@
             StageConfig("heads", 1000, freeze=["backbone.*"], lr_factor=0.1)]
 
 A stage names the tasks it runs (with sampling weights), parameters it freezes (no gradient, no
-optimizer state, BatchNorm in eval mode with its running statistics untouched), its learning
-rate (a factor on the job's schedule, or a warmup-cosine of its own) and whether the lego
-temperature τ keeps decaying. Because the stage, the LR and τ at step s depend on s alone, exact
-resume and elastic restarts work inside any stage with nothing saved. A job without stages is one
-implicit stage: every task at its sampling_weight, nothing frozen, the job's schedule.
+optimizer state, BatchNorm in eval mode with its running statistics untouched) or the only ones
+it trains (`train_only`), its learning rate (a factor on the job's schedule, or a warmup-cosine
+of its own), whether the lego temperature τ keeps decaying, and options it hands to tasks
+(`task_options`: LVIS's class-balanced second stage). Because the stage, the LR and τ at step s
+depend on s alone, exact resume and elastic restarts work inside any stage with nothing saved. A
+job without stages is one implicit stage: every task at its sampling_weight, nothing frozen, the
+job's schedule.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import bisect
 import fnmatch
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -34,6 +37,12 @@ class StageConfig:
     # empty = every task of the job at its sampling_weight.
     tasks: dict[str, float] | list[str] = field(default_factory=dict)
     freeze: list[str] = field(default_factory=list)  # fnmatch patterns over parameter names
+    # fnmatch patterns: when given, every parameter matching none of them is frozen as well
+    # (LVIS's second stage trains the final classification layer only)
+    train_only: list[str] = field(default_factory=list)
+    # {task: {option: value}} handed to the task on entering the stage (Task.enter_stage), e.g.
+    # {"lvis": {"class_balanced_beta": 0.999}}; a task with no entry gets {}
+    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     lr_factor: float = 1.0  # multiplies the learning rate of every parameter group
     schedule: str = "global"  # "global": the job's warmup-cosine; "stage": one of its own over this stage
     warmup_steps: int = 0  # schedule="stage": linear warmup at the start of the stage
@@ -140,17 +149,28 @@ class StagePlan:
         )
 
 
-def frozen_parameters(model: nn.Module, patterns: list[str], where: str) -> set[str]:
-    """Names of the parameters matching any pattern; a pattern matching nothing is an error."""
-    names = [n for n, _ in model.named_parameters()]
+def _matching(names: list[str], patterns: list[str], key: str, where: str) -> set[str]:
     out: set[str] = set()
     for pat in patterns:
         hit = fnmatch.filter(names, pat)
         if not hit:
             raise ConfigError(
-                f"{where}: freeze pattern {pat!r} matches no parameter (names look like {names[0]!r})"
+                f"{where}: {key} pattern {pat!r} matches no parameter (names look like {names[0]!r})"
             )
         out.update(hit)
+    return out
+
+
+def frozen_parameters(
+    model: nn.Module, patterns: list[str], where: str, train_only: list[str] = ()
+) -> set[str]:
+    """Names of the parameters matching any `freeze` pattern, and with `train_only` patterns also
+    of every parameter matching none of those; a pattern matching nothing is an error."""
+    names = [n for n, _ in model.named_parameters()]
+    out = _matching(names, patterns, "freeze", where)
+    if train_only:
+        keep = _matching(names, list(train_only), "train_only", where)
+        out.update(n for n in names if n not in keep)
     return out
 
 

@@ -171,6 +171,15 @@ class Task:
         sliding-window segmentation runs `forward` once per window)."""
         return forward(batch[self.input_key()])
 
+    def enter_stage(self, head: nn.Module, options: dict[str, Any], where: str) -> None:
+        """A stage starts (gppf.stages): `options` are its `task_options` for this task (empty when
+        it has none). A task that takes options overrides this; here any option is an error."""
+        if options:
+            raise ConfigError(
+                f"{where}: task_options.{self.name} has {', '.join(sorted(options))}, but task "
+                f"{self.name!r} ({type(self).__name__}) takes no stage options"
+            )
+
     # -- extra training data ----------------------------------------------------------------
     def extra_train_units(self, read: Callable[[list[Any]], Any]) -> list[Any]:
         """The train units of `cfg.extra_train_roots`, each listed by this task type on that root.

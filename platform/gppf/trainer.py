@@ -25,6 +25,7 @@ import torch.distributed as dist
 from gppf.allreduce import MaskedAllReduce
 from gppf.checkpoint import LoadReport, load_weights, read_weights
 from gppf.composite import attached_tasks, sampling_weights
+from gppf.config import ConfigError
 from gppf.data.stream import TaskStream, eval_batches
 from gppf.data.subsets import train_size
 from gppf.eval_group import init_eval_group
@@ -186,7 +187,8 @@ class Trainer:
         the BN and dropout layers of all-frozen modules go to eval mode (gppf.stages.frozen_modules),
         and the masked allreduce covers only what trains."""
         stage = self.plan.stages[index]
-        frozen = frozen_parameters(self.model, stage.freeze, f"stages[{index}] ({stage.name})")
+        where = f"stages[{index}] ({stage.name})"
+        frozen = frozen_parameters(self.model, stage.freeze, where, stage.train_only)
         can_train = {id(p) for p in self.trainable}
         for name, p in self.model.named_parameters():
             p.requires_grad_(name not in frozen and id(p) in can_train)
@@ -202,6 +204,11 @@ class Trainer:
             training, self.cfg.train.bucket_mb, self.grad_group, overlap=self.overlap
         )
         self.frozen = frozen_modules(self.model, frozen)
+        unknown = [t for t in stage.task_options if t not in self.model.heads]
+        if unknown:
+            raise ConfigError(f"{where}: task_options names task {unknown[0]!r}, not a task of this job")
+        for task in self.tasks:
+            task.enter_stage(self.model.heads[task.name], stage.task_options.get(task.name, {}), where)
         self.stage_index = index
         self.set_train_mode()
 
