@@ -69,7 +69,9 @@ def full_config(data_root: str) -> JobConfig:
     lvis/lvis_v1_{train,val}.json                  (images: coco/train2017, coco/val2017 via coco_url)
     objects365/{train,val}/patchN/..., objects365/annotations/zhiyuan_objv2_{train,val}.json
     openimages/{train,validation}/<ImageID>.jpg,
-    openimages/annotations/openimages_{train,val}_bbox.json   (made by task_plugins.openimages_to_coco)
+    openimages/annotations/openimages_{train,val}_bbox.json   (made by task_plugins.openimages_to_coco;
+                                                    val with the challenge's --image-labels)
+    openimages/annotations/challenge-2019-label500-hierarchy.json
     ADEChallengeData2016/{images,annotations}/{training,validation}/
     coco_stuff/images/{train2017,val2017}/*.jpg, coco_stuff/annotations/{train2017,val2017}/*.png
     VOCdevkit/VOC2012/{JPEGImages,SegmentationClassAug}, .../ImageSets/Segmentation/{train_aug,val}.txt
@@ -126,6 +128,9 @@ def full_config(data_root: str) -> JobConfig:
             "val_images": "validation",
             "train_annotations": "annotations/openimages_train_bbox.json",
             "val_annotations": "annotations/openimages_val_bbox.json",
+            # Table 1's "Open AP50": the challenge's metric (hierarchy, group-of, verified labels)
+            "evaluation": "oid_challenge",
+            "oid_hierarchy": "annotations/challenge-2019-label500-hierarchy.json",
         },
         "ade20k": {
             "type": "segmentation",

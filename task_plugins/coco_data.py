@@ -49,6 +49,7 @@ class CocoIndex:
 
 
 _LVIS_IMAGE_KEYS = ("neg_category_ids", "not_exhaustive_category_ids")
+_OID_IMAGE_KEYS = ("pos_category_ids", "neg_category_ids")  # verified image-level labels (optional)
 
 
 def _need(rec: dict, keys: tuple[str, ...], what: str, path: Path) -> None:
@@ -107,6 +108,7 @@ def load_coco(
     keep_gt: bool = True,
     path_components: int = 0,
     lvis: bool = False,
+    oid: bool = False,
 ) -> CocoIndex:
     """Parse `ann_file`, validate every record and index annotations by image.
 
@@ -114,7 +116,9 @@ def load_coco(
     needs that second copy, which for Objects365 is millions of records. `path_components` > 0
     keeps only the last that many components of each image's file name (or URL; 2 for URLs).
     `lvis`: the file must carry LVIS's federated keys (an image's negative and not-exhaustive
-    category ids, a category's frequency), which the ground truth keeps for LVIS's AP."""
+    category ids, a category's frequency), which the ground truth keeps for LVIS's AP. `oid`: each
+    category must carry its Open Images `label_name`, and an image's verified image-level labels
+    (`pos_category_ids`, `neg_category_ids`) are kept, for the challenge's AP (task_plugins.oid_eval)."""
     path = storage.path(ann_file)
     if not path.is_file():
         raise FileNotFoundError(f"task {task!r}: annotation file {path} does not exist")
@@ -129,8 +133,11 @@ def load_coco(
     cats = []
     for i, c in enumerate(doc["categories"]):
         with _record(path, f"categories[{i}]"):
-            _need(c, ("id",) + (("frequency",) if lvis else ()), f"categories[{i}]", path)
+            extra = (("frequency",) if lvis else ()) + (("label_name",) if oid else ())
+            _need(c, ("id", *extra), f"categories[{i}]", path)
             cat = {"id": int(c["id"]), "name": str(c.get("name", c["id"]))}
+            if oid:
+                cat["label_name"] = str(c["label_name"])
             if lvis:
                 if c["frequency"] not in ("r", "c", "f"):
                     raise CocoFormatError(
@@ -160,7 +167,11 @@ def load_coco(
                 "anns": [],
             }
             if lvis:
-                images[int(img["id"])]["lvis"] = {k: [int(c) for c in img[k]] for k in _LVIS_IMAGE_KEYS}
+                images[int(img["id"])]["gt_keys"] = {k: [int(c) for c in img[k]] for k in _LVIS_IMAGE_KEYS}
+            if oid:
+                images[int(img["id"])]["gt_keys"] = {
+                    k: [int(c) for c in img.get(k, [])] for k in _OID_IMAGE_KEYS
+                }
     if not doc["annotations"]:
         raise CocoFormatError(f"{path}: 'annotations' is empty")
 
@@ -188,7 +199,7 @@ def load_coco(
         print(f"[gppf] task {task!r}: {path.name}: " + "; ".join(parts), file=sys.__stdout__, flush=True)
     gt = {  # for COCOeval
         "images": [
-            {"id": v["image_id"], "height": v["height"], "width": v["width"], **v.pop("lvis", {})}
+            {"id": v["image_id"], "height": v["height"], "width": v["width"], **v.pop("gt_keys", {})}
             for v in images.values()
         ],
         "annotations": gt_anns,

@@ -205,10 +205,16 @@ def score(
     image_ids: list[int] | None,
     scorer: str,
     style: str,
+    hierarchy: dict | None = None,
 ) -> dict[str, float]:
-    """`coco_ap` or, for `style == "lvis"`, `lvis_ap`."""
+    """`coco_ap`, or `lvis_ap` for style "lvis", or the Open Images challenge's AP50
+    (task_plugins.oid_eval) for style "oid_challenge" with its class `hierarchy`."""
     if style == "lvis":
         return lvis_ap(gt, results, iou_types, image_ids)
+    if style == "oid_challenge":
+        from task_plugins.oid_eval import oid_challenge_ap
+
+        return oid_challenge_ap(gt, results, hierarchy or {"LabelName": "/m/0bl9f"}, image_ids)
     return coco_ap(gt, results, iou_types, image_ids, scorer)
 
 
@@ -224,10 +230,14 @@ class CocoEvaluator(Evaluator):
         masks: bool,
         scorer: str = "faster_coco_eval",
         style: str = "coco",
+        hierarchy: dict | None = None,
     ):
         self.gt = gt
         self.scorer = scorer
         self.style = style
+        self.hierarchy = hierarchy
+        if style == "oid_challenge":
+            self.primary = "box_AP50"  # the challenge reports AP at IoU 0.5 only
         self.label_to_category = label_to_category
         self.iou_types = ("bbox", "segm") if masks else ("bbox",)
         self.results: list[dict] = []
@@ -258,13 +268,16 @@ class CocoEvaluator(Evaluator):
         if rank0:
             self.image_ids = [i for ids, _ in gathered for i in ids]
             self.results = [r for _, part in gathered for r in part]
-            box = [score(self.gt, self.results, self.iou_types, self.image_ids, self.scorer, self.style)]
+            box = [self._score()]
         dist.broadcast_object_list(box, src=0, group=group)
         self.metrics = box[0]
 
     def compute(self) -> dict[str, float]:
         if self.metrics is None:
-            self.metrics = score(
-                self.gt, self.results, self.iou_types, self.image_ids, self.scorer, self.style
-            )
+            self.metrics = self._score()
         return self.metrics
+
+    def _score(self) -> dict[str, float]:
+        return score(
+            self.gt, self.results, self.iou_types, self.image_ids, self.scorer, self.style, self.hierarchy
+        )

@@ -42,12 +42,16 @@ from gppf.registry import register_task
 from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
 from task_plugins.coco_data import CocoIndex, load_coco
 from task_plugins.coco_eval import SCORERS, CocoEvaluator, detections_to_coco
+from task_plugins.oid_eval import load_hierarchy
 from task_plugins.pseudo_label_formats import coco_document, confident_annotations, link_image
 from task_plugins.rcnn import RCNNConfig, RCNNHead, class_balanced_weights
 
 if TYPE_CHECKING:
     from gppf.pseudo_labels import PseudoLabelConfig
     from gppf.task import Task
+
+
+EVALUATIONS = ("coco", "lvis", "oid_challenge")
 
 
 @dataclass
@@ -69,8 +73,10 @@ class DetectionConfig(TaskConfig):
     copy_paste: float = 0.5  # probability that an image receives the objects of another (masks only)
     coco_eval: str = "faster_coco_eval"  # the COCOeval: faster_coco_eval (C++) or pycocotools
     # "coco": COCOeval's AP; "lvis": LVIS's federated AP with APr/APc/APf (the val file must carry
-    # LVIS's keys; set head.detections_per_image: 300, LVIS's cap)
+    # LVIS's keys; set head.detections_per_image: 300, LVIS's cap); "oid_challenge": the Open Images
+    # challenge's AP50 (task_plugins.oid_eval; annotations from task_plugins.openimages_to_coco)
     evaluation: str = "coco"
+    oid_hierarchy: str = ""  # oid_challenge: the class-hierarchy JSON, relative to data_root
     head: RCNNConfig = field(default_factory=RCNNConfig)
 
 
@@ -131,8 +137,15 @@ class DetectionTask(Task):
             raise ConfigError(
                 f"tasks.{name}.coco_eval must be one of {', '.join(SCORERS)}, got {cfg.coco_eval!r}"
             )
-        if cfg.evaluation not in ("coco", "lvis"):
-            raise ConfigError(f"tasks.{name}.evaluation must be 'coco' or 'lvis', got {cfg.evaluation!r}")
+        if cfg.evaluation not in EVALUATIONS:
+            raise ConfigError(
+                f"tasks.{name}.evaluation must be one of {', '.join(EVALUATIONS)}, got {cfg.evaluation!r}"
+            )
+        if cfg.evaluation == "oid_challenge" and (cfg.masks or not cfg.oid_hierarchy):
+            raise ConfigError(
+                f"tasks.{name}: evaluation 'oid_challenge' scores boxes with the class hierarchy: set "
+                f"masks: false and oid_hierarchy (the hierarchy JSON, relative to data_root)"
+            )
         if cfg.evaluation == "lvis" and cfg.coco_eval != "faster_coco_eval":
             raise ConfigError(
                 f"tasks.{name}: evaluation 'lvis' is scored by faster_coco_eval's LVIS mode; "
@@ -158,6 +171,7 @@ class DetectionTask(Task):
                 keep_gt=split != "train",
                 path_components=cfg.path_components,
                 lvis=split != "train" and cfg.evaluation == "lvis",
+                oid=split != "train" and cfg.evaluation == "oid_challenge",
             )
         return self._index[split]
 
@@ -177,6 +191,11 @@ class DetectionTask(Task):
                 f"tasks.{self.name}.input_size must be a multiple of 32, got {self.cfg.input_size}"
             )
         root = storage.path(self.cfg.data_root)
+        if self.cfg.evaluation == "oid_challenge" and not (root / self.cfg.oid_hierarchy).is_file():
+            raise FileNotFoundError(
+                f"task {self.name!r}: oid_hierarchy {root / self.cfg.oid_hierarchy} does not exist (the "
+                "challenge's class-hierarchy JSON, e.g. challenge-2019-label500-hierarchy.json)"
+            )
         for split, images in (("train", self.cfg.train_images), ("val", self.cfg.val_images)):
             if not (root / images).is_dir():
                 raise FileNotFoundError(
@@ -429,6 +448,9 @@ class DetectionTask(Task):
 
     def evaluator(self) -> Evaluator:
         idx = self.index("val")
+        hierarchy = None
+        if self.cfg.evaluation == "oid_challenge":
+            hierarchy = load_hierarchy(str(storage.path(self.cfg.data_root) / self.cfg.oid_hierarchy))
         return CocoEvaluator(
-            idx.gt, idx.label_to_category, self.cfg.masks, self.cfg.coco_eval, self.cfg.evaluation
+            idx.gt, idx.label_to_category, self.cfg.masks, self.cfg.coco_eval, self.cfg.evaluation, hierarchy
         )

@@ -106,6 +106,16 @@ def make_paper_layouts(root: Path, seed: int = 0) -> Path:
         csv.writer(f).writerows(
             [["LabelName", "DisplayName"], *[[m, n["name"]] for m, n in zip(labels, CATS)]]
         )
+    # The challenge's class hierarchy (Entity > /m/01 > /m/02, Entity > /m/03) and, for the
+    # validation split, human-verified image-level labels (its box classes positive, one negative).
+    hierarchy = {
+        "LabelName": "/m/0bl9f",
+        "Subcategory": [
+            {"LabelName": "/m/01", "Subcategory": [{"LabelName": "/m/02"}]},
+            {"LabelName": "/m/03"},
+        ],
+    }
+    (oi / "annotations" / "challenge-2019-label500-hierarchy.json").write_text(json.dumps(hierarchy))
     for split, out_name, first in (("train", "train", 3000), ("validation", "val", 4000)):
         (oi / split).mkdir()
         rows = []
@@ -154,6 +164,23 @@ def make_paper_layouts(root: Path, seed: int = 0) -> Path:
                 ]
             )
             w.writerows(rows)
+        verified = []
+        if split == "validation":
+            labels_csv = oi / "annotations" / "validation-human-imagelabels.csv"
+            pos = sorted({(r[0], r[2]) for r in rows})
+            neg = [
+                (image_id, m)
+                for image_id in sorted({r[0] for r in rows})
+                for m in labels
+                if (image_id, m) not in pos
+            ]
+            with open(labels_csv, "w", newline="") as f:
+                csv.writer(f).writerows(
+                    [["ImageID", "Source", "LabelName", "Confidence"]]
+                    + [[i, "verification", m, 1] for i, m in pos]
+                    + [[i, "verification", m, 0] for i, m in neg[:1]]
+                )
+            verified = ["--image-labels", str(labels_csv)]
         openimages_to_coco(
             [
                 "--boxes",
@@ -164,6 +191,7 @@ def make_paper_layouts(root: Path, seed: int = 0) -> Path:
                 str(oi / split),
                 "--out",
                 str(oi / "annotations" / f"openimages_{out_name}_bbox.json"),
+                *verified,
             ]
         )
 
