@@ -84,6 +84,9 @@ class CascadeRoIHeads(RoIHeads):
         )
         self.stages = nn.ModuleList(stages)
         self.loss_weights = tuple(float(w) for w in loss_weights)
+        # [classes + 1] class-balanced weights of every stage's cross-entropy while LVIS's second
+        # stage runs (RCNNHead.class_weights); None otherwise
+        self.class_weights: torch.Tensor | None = None
 
     # -- training -----------------------------------------------------------------------------
     def sample(
@@ -116,19 +119,24 @@ class CascadeRoIHeads(RoIHeads):
         reg_targets = stage.coder.encode(out_targets, out_rois)
         return out_rois, out_matched, out_labels, list(reg_targets), is_gt
 
-    @staticmethod
     def box_loss(
+        self,
         logits: torch.Tensor,
         deltas: torch.Tensor,
         labels: list[torch.Tensor],
         reg_targets: list[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """torchvision's fastrcnn_loss for class-agnostic deltas: cross-entropy, and smooth L1
-        (beta 1/9) over the positives divided by the number of sampled RoIs."""
+        """torchvision's fastrcnn_loss for class-agnostic deltas: cross-entropy (class-balanced,
+        sum_i w_{y_i} CE_i / N, while `class_weights` is set), and smooth L1 (beta 1/9) over the
+        positives divided by the number of sampled RoIs."""
         labels_t = torch.cat(labels)
         targets_t = torch.cat(reg_targets)
         pos = labels_t > 0
-        cls = F.cross_entropy(logits, labels_t)
+        if self.class_weights is None:
+            cls = F.cross_entropy(logits, labels_t)
+        else:
+            ce = F.cross_entropy(logits.float(), labels_t, reduction="none")
+            cls = (self.class_weights.to(ce.device)[labels_t] * ce).mean()
         box = F.smooth_l1_loss(deltas[pos], targets_t[pos], beta=1 / 9, reduction="sum") / labels_t.numel()
         return cls, box
 

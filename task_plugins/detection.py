@@ -411,9 +411,9 @@ class DetectionTask(Task):
         return RCNNHead(features, self.num_classes, self.cfg.masks, self.cfg.head)
 
     def enter_stage(self, head: nn.Module, options: dict[str, Any], where: str) -> None:
-        """`class_balanced_beta` (in (0, 1)): the head trains its classifier with the
-        class-balanced loss, from this task's per-class training-instance counts (LVIS's second
-        stage); without it, the usual losses."""
+        """`class_balanced_beta` (in (0, 1)): the head trains its classifier (a cascade: each
+        stage's) with the class-balanced loss, from this task's per-class training-instance
+        counts (LVIS's second stage); without it, the usual losses."""
         unknown = sorted(set(options) - {"class_balanced_beta"})
         if unknown:
             raise ConfigError(
@@ -427,11 +427,6 @@ class DetectionTask(Task):
         if not 0 < float(beta) < 1:
             raise ConfigError(
                 f"{where}: task_options.{self.name}.class_balanced_beta must be in (0, 1), got {beta}"
-            )
-        if head.cascade:
-            raise ConfigError(
-                f"{where}: task {self.name!r} has a Cascade R-CNN head; the class-balanced stage "
-                "retrains a single final classifier (Mask / Faster R-CNN)"
             )
         head.class_weights = class_balanced_weights(self.instance_counts(), float(beta))
 

@@ -169,9 +169,7 @@ class RCNNHead(nn.Module):
         self.roi_heads.box_coder = Float32BoxCoder(self.roi_heads.box_coder.weights)
         self.masks = masks
         self.cascade = cfg.cascade
-        # [classes + 1] per-class loss weights (background first) while a class-balanced stage
-        # runs (DetectionTask.enter_stage); None otherwise. Set by the stage, not saved.
-        self.class_weights: torch.Tensor | None = None
+        self._class_weights: torch.Tensor | None = None
 
     @staticmethod
     def _roi_heads(
@@ -204,6 +202,19 @@ class RCNNHead(nn.Module):
                 t["masks"] = unpack_masks(packed, size)
         return out
 
+    @property
+    def class_weights(self) -> torch.Tensor | None:
+        """[classes + 1] per-class loss weights (background first) while a class-balanced stage
+        runs (DetectionTask.enter_stage); None otherwise. Set by the stage, not saved. A cascade
+        weights every stage's classifier loss with them."""
+        return self._class_weights
+
+    @class_weights.setter
+    def class_weights(self, weights: torch.Tensor | None) -> None:
+        self._class_weights = weights
+        if self.cascade:
+            self.roi_heads.class_weights = weights
+
     def balanced_classifier_loss(
         self, pyramid: dict[str, torch.Tensor], images: ImageList, batch: dict[str, Any]
     ) -> dict[str, torch.Tensor]:
@@ -234,7 +245,7 @@ class RCNNHead(nn.Module):
             pyramid["pool"] = F.max_pool2d(feats[-1], 1, 2, 0)
         sizes = [(int(h), int(w)) for h, w in batch["size"].tolist()]
         images = ImageList(batch["image"], sizes)
-        if self.training and self.class_weights is not None:
+        if self.training and self.class_weights is not None and not self.cascade:
             return self.balanced_classifier_loss(pyramid, images, batch)
         targets = self.targets(batch) if self.training else None
         proposals, rpn_losses = self.rpn(images, pyramid, targets)

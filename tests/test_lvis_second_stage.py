@@ -31,8 +31,10 @@ class FixedStream:
         pass
 
 
-def _config(demo_root, stages) -> JobConfig:
+def _config(demo_root, stages, **head) -> JobConfig:
     det = {**task_entries(demo_root)["det"], "input_size": 64, "copy_paste": 0.0}
+    if head:
+        det["head"] = {**det.get("head", {}), **head}
     return JobConfig(
         tasks={"det": det},
         backbone=BackboneConfig(name="resnet10t"),
@@ -139,3 +141,26 @@ def test_stage_options_are_checked(demo_root):
         _trainer(_config(demo_root, [StageConfig("cb", 1, task_options={"lvis": {}})]))
     with pytest.raises(ConfigError, match=r"train_only pattern 'heads\.nope\.\*' matches no parameter"):
         _trainer(_config(demo_root, [StageConfig("cb", 1, train_only=["heads.nope.*"])]))
+
+
+def test_cascade_second_stage_trains_each_stages_classifier_with_the_balanced_loss(demo_root):
+    """GPPF-SwinT's LVIS head is a cascade: the second stage retrains the three stages' classifiers."""
+    pattern = "heads.det.roi_heads.stages.*.cls_score.*"
+    stages = [StageConfig("cb", 2, train_only=[pattern], task_options={"det": {"class_balanced_beta": 0.99}})]
+    t = _trainer(_config(demo_root, stages, cascade=True))
+    head = t.model.heads["det"]
+    assert head.roi_heads.class_weights is not None and torch.equal(
+        head.roi_heads.class_weights, head.class_weights
+    )
+    before = _state(t)
+    t.train_step()
+    after = _state(t)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {
+        f"heads.det.roi_heads.stages.{k}.cls_score.{p}" for k in range(3) for p in ("weight", "bias")
+    }
+    # The weighted cross-entropy of a stage: sum_i w_{y_i} CE_i / N.
+    logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 1, 0])
+    cls, _ = head.roi_heads.box_loss(logits, torch.zeros(6, 4), [labels], [torch.zeros(6, 4)])
+    w = head.class_weights[labels]
+    assert cls.item() == pytest.approx((w * F.cross_entropy(logits, labels, reduction="none")).mean().item())

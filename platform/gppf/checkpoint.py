@@ -78,10 +78,18 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     fmt: str = ""  # the format the file was read as (gppf.weight_formats)
     dropped: list[str] = field(default_factory=list)  # keys of the file deliberately left out
+    renamed: dict[str, str] = field(default_factory=dict)  # file key -> model key (model.init_map)
+    skipped: list[str] = field(default_factory=list)  # model keys left out by model.init_skip
 
     def summary(self) -> str:
         fmt = f" ({self.fmt})" if self.fmt else ""
         lines = [f"[gppf] init_from {self.source}{fmt}: loaded {len(self.loaded)} tensors"]
+        if self.renamed:
+            pairs = sorted({(_prefix(k), _prefix(v)) for k, v in self.renamed.items()})
+            shown = ", ".join(f"{a}* -> {b}*" for a, b in pairs)
+            lines.append(f"  loaded under other names ({len(self.renamed)}): {shown}")
+        if self.skipped:
+            lines.append(f"  left out by model.init_skip ({len(self.skipped)}): {_grouped(self.skipped, 5)}")
         if self.dropped:
             lines.append(f"  left out, not backbone ({len(self.dropped)}): {_grouped(self.dropped)}")
         if self.missing:
@@ -102,11 +110,54 @@ def _grouped(keys: list[str], depth: int = 3, show: int = 8) -> str:
     return ", ".join(items[:show]) + (f", ... {len(items) - show} more groups" if len(items) > show else "")
 
 
-def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
+def _prefix(key: str) -> str:
+    return key.split("*")[0]
+
+
+def remap(
+    state: dict[str, torch.Tensor], key_map: dict[str, str], source: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`state` with the keys under each `key_map` prefix pattern also under its target, e.g.
+    {"heads.objects365.*": "heads.voc.*"} (UODB's heads initialised from Objects365's); a mapped
+    key replaces a same-named one. Returns (state, {file key: model key}). A pattern must end in
+    one `*` and match some key."""
+    out, renamed = dict(state), {}
+    for src, dst in key_map.items():
+        if src.count("*") != 1 or not src.endswith("*") or dst.count("*") != 1 or not dst.endswith("*"):
+            raise ValueError(f"model.init_map {src!r}: {dst!r}: both must be prefixes ending in '*'")
+        hits = [k for k in state if k.startswith(_prefix(src))]
+        if not hits:
+            raise ValueError(f"model.init_map: {src!r} matches no key of {source}")
+        for k in hits:
+            new = _prefix(dst) + k[len(_prefix(src)) :]
+            out[new] = state[k]
+            renamed[k] = new
+    return out, renamed
+
+
+def load_weights(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    key_map: dict[str, str] | None = None,
+    skip: list[str] | tuple[str, ...] = (),
+) -> LoadReport:
     """Copy the tensors of `state` whose keys `module` has; a shape mismatch is an error naming the
-    key. Missing keys keep their initial values, unexpected keys are ignored; both are reported."""
+    key. Missing keys keep their initial values, unexpected keys are ignored; both are reported.
+    `key_map` loads keys under other names first (`remap`); `skip` (fnmatch patterns over the
+    model's keys) leaves those as initialised, e.g. a detection head's final predictor."""
+    import fnmatch
+
     own = module.state_dict()
     report = LoadReport(source)
+    if key_map:
+        state, report.renamed = remap(state, key_map, source)
+    if skip:
+        unmatched = [p for p in skip if not fnmatch.filter(own, p)]
+        if unmatched:
+            raise ValueError(f"model.init_skip: {unmatched[0]!r} matches no parameter of the model")
+        report.skipped = [k for k in own if any(fnmatch.fnmatch(k, p) for p in skip) and k in state]
+        state = {k: v for k, v in state.items() if k not in set(report.skipped)}
     for key, value in state.items():
         if key not in own:
             report.unexpected.append(key)
@@ -118,6 +169,6 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str)
                 "load the backbone only with backbone.init_from)"
             )
         report.loaded.append(key)
-    report.missing = [k for k in own if k not in state]
+    report.missing = [k for k in own if k not in state and k not in report.skipped]
     module.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     return report

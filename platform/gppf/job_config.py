@@ -23,6 +23,33 @@ class OptimConfig:
     momentum: float = 0.9
     warmup_steps: int = 50_000
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    # After the warmup: "cosine" to lr * min_lr_ratio, or "step": x decay_factor at each of
+    # decay_steps (GPPF App. D.2's UODB finetuning, VTD's epochs 8 and 11). Stages with
+    # schedule="stage" keep a cosine of their own.
+    schedule: str = "cosine"
+    decay_steps: list[int] = field(default_factory=list)
+    decay_factor: float = 0.1
+    # App. D.2's downstream grid: "weight decay will be divided by learning rate", i.e. the
+    # optimizer is given weight_decay / lr (the decay per step is then lr-independent)
+    decay_divided_by_lr: bool = False
+    # False: norm weights, biases and position-bias tables get no weight decay (Swin's recipe:
+    # its own and MMDetection's configs exclude them)
+    norm_bias_decay: bool = True
+
+    def __post_init__(self):
+        if self.name not in ("sgd", "adamw"):
+            raise ConfigError(f"config.optim.name must be 'sgd' or 'adamw', got {self.name!r}")
+        if self.schedule not in ("cosine", "step"):
+            raise ConfigError(f"config.optim.schedule must be 'cosine' or 'step', got {self.schedule!r}")
+        if self.schedule == "step" and (
+            not self.decay_steps or sorted(self.decay_steps) != list(self.decay_steps)
+        ):
+            raise ConfigError(
+                f"config.optim.decay_steps must be increasing steps for schedule 'step', "
+                f"got {self.decay_steps}"
+            )
+        if self.decay_divided_by_lr and self.lr <= 0:
+            raise ConfigError("config.optim.decay_divided_by_lr needs optim.lr > 0")
 
 
 @dataclass
@@ -144,6 +171,12 @@ class ModelConfig:
     # Weights only, from a gppf checkpoint (backbone and the heads of tasks with the same name);
     # training starts at step 0 with a fresh optimizer. `--resume` continues a run instead.
     init_from: str = ""
+    # With init_from: file keys loaded under other names, as prefix patterns ({"heads.objects365.*":
+    # "heads.voc.*"}: a new task's head from another task's, GPPF Table 5), and model keys left as
+    # initialised (fnmatch patterns, e.g. "heads.voc.roi_heads.box_predictor.*": "we do not load
+    # the final prediction layer"); the load report lists both.
+    init_map: dict[str, str] = field(default_factory=dict)
+    init_skip: list[str] = field(default_factory=list)
     # A neck shared by every task (gppf.neck): "" = none, each detection / segmentation head
     # builds its own FPN (GPPF); "fpn" = one FPN (P2-P5) that all heads read (LV-Adapter).
     neck: str = ""
@@ -161,6 +194,8 @@ class ModelConfig:
             raise ConfigError(
                 f"config.model.adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}"
             )
+        if (self.init_map or self.init_skip) and not self.init_from:
+            raise ConfigError("config.model.init_map / init_skip act on model.init_from: set it")
         if not self.neck and (self.adapter != "fpn" or self.language.variant):
             raise ConfigError(
                 "config.model.adapter / model.language.variant act on the shared neck: set model.neck=fpn"

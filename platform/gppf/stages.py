@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from gppf.config import ConfigError
-from gppf.optim import warmup_cosine
+from gppf.optim import warmup_cosine, warmup_step
 
 SCHEDULES = ("global", "stage")
 
@@ -74,7 +74,11 @@ class StagePlan:
         total_steps: int,
         warmup_steps: int,
         min_lr_ratio: float = 0.0,
+        decay_steps: list[int] | None = None,
+        decay_factor: float = 0.1,
     ):
+        """`decay_steps` (given): the job's schedule is a warmup then step decay (OptimConfig's
+        schedule "step"); otherwise a warmup-cosine."""
         if not stages:
             stages = [StageConfig(name="train", steps=total_steps)]
         names = [s.name for s in stages]
@@ -92,6 +96,8 @@ class StagePlan:
         self.weights = [self._weights(i, s, task_weights) for i, s in enumerate(stages)]
         self.warmup = min(warmup_steps, max(0, self.total - 1))
         self.min_lr_ratio = min_lr_ratio
+        self.decay_steps = list(decay_steps or [])
+        self.decay_factor = decay_factor
         decaying = [s.steps if s.tau_decay else 0 for s in stages]
         self.tau_starts = [sum(decaying[:i]) for i in range(len(stages) + 1)]
 
@@ -136,6 +142,8 @@ class StagePlan:
             return s.lr_factor * warmup_cosine(
                 step - self.starts[i], s.steps, warm, self.min_lr_ratio, s.warmup_factor
             )
+        if self.decay_steps:
+            return s.lr_factor * warmup_step(step, self.warmup, self.decay_steps, self.decay_factor)
         return s.lr_factor * warmup_cosine(step, self.total, self.warmup, self.min_lr_ratio)
 
     def describe(self, i: int) -> str:

@@ -15,7 +15,10 @@ into `timm.create_model(name, num_classes=0)` with strict=True) and decide per f
   offsets, no interpolation).
 
 LayerNorm only: there is no cross-task BN in a Swin trunk, but SIMT and the masked allreduce
-apply as to any trunk.
+apply as to any trunk. As in Swin's own detection and segmentation backbone (its `norm0..norm3`),
+every output stage goes through a LayerNorm before the dense heads: timm's final `norm` for the
+last stage, and `out_norms` (the trunk's own, shared by all tasks, not part of an exported route)
+for stages 1-3.
 """
 
 from __future__ import annotations
@@ -158,6 +161,11 @@ def _feature_info(model: nn.Module) -> list[FeatureInfo]:
     return [FeatureInfo(f["num_chs"], f["reduction"]) for f in model.feature_info]
 
 
+def stage_norms(feature_info: list[FeatureInfo]) -> nn.ModuleList:
+    """LayerNorms for every output stage but the last (which has timm's final norm)."""
+    return nn.ModuleList(nn.LayerNorm(f.channels) for f in feature_info[:-1])
+
+
 class StaticSwin(Trunk):
     """One Swin for every task; features are the four stage outputs as NCHW, the last after the
     final norm."""
@@ -168,6 +176,7 @@ class StaticSwin(Trunk):
         self.body = dynamic_swin(name, model_kwargs)
         self.body.set_grad_checkpointing(grad_checkpointing)
         self.feature_info = _feature_info(self.body)
+        self.out_norms = stage_norms(self.feature_info)
         self.channels_last_layers = True  # timm's Swin blocks compute NHWC
 
     def forward(self, x: torch.Tensor, task: str | None = None) -> list[torch.Tensor]:
@@ -176,7 +185,7 @@ class StaticSwin(Trunk):
         for stage in self.body.layers:
             x = stage(x)
             feats.append(x)
-        feats[-1] = self.body.norm(feats[-1])
+        feats = [norm(f) for norm, f in zip(self.out_norms, feats)] + [self.body.norm(feats[-1])]
         return [f.permute(0, 3, 1, 2).contiguous() for f in feats]
 
     def export(self, task: str | None = None) -> dict[str, torch.Tensor]:
@@ -208,6 +217,15 @@ class LegoSwin(LegoBackbone):
         super().__init__(
             name, layers, stage_ends, _feature_info(models[0]), tasks, cfg, channels_last_features=True
         )
+        self.out_norms = stage_norms(self.feature_info)
+
+    def forward(self, x: torch.Tensor, task: str) -> list[torch.Tensor]:
+        feats = super().forward(x, task)  # NCHW; the last after timm's final norm (a lego layer)
+        normed = [
+            norm(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+            for norm, f in zip(self.out_norms, feats)
+        ]
+        return normed + feats[-1:]
 
 
 @register_trunk("static", "swin_transformer")

@@ -104,12 +104,15 @@ class Trainer:
         mode = cfg.train.overlap_allreduce
         self.overlap = mode == "on" or (mode == "auto" and device.type == "cuda")
         self.tasks = tasks if tasks is not None else build_tasks(cfg)
+        o = cfg.optim
         self.plan = StagePlan(
             cfg.stages,
             sampling_weights(self.tasks),
             cfg.train.steps,
-            cfg.optim.warmup_steps,
-            cfg.optim.min_lr_ratio,
+            o.warmup_steps,
+            o.min_lr_ratio,
+            o.decay_steps if o.schedule == "step" else None,
+            o.decay_factor,
         )
         self.total_steps = self.plan.total
         self.sampler = self._sampler()
@@ -159,7 +162,8 @@ class Trainer:
                     f"model.init_from={self.cfg.model.init_from}: a plain state_dict holds a backbone only; "
                     "use backbone.init_from for it"
                 )
-            reports.append(load_weights(self.model, state, self.cfg.model.init_from))
+            m = self.cfg.model
+            reports.append(load_weights(self.model, state, m.init_from, m.init_map, m.init_skip))
         if self.cfg.backbone.init_from:
             reports.append(load_backbone(self.model.backbone, self.cfg.backbone.init_from))
         return reports
