@@ -50,6 +50,10 @@ class ClassificationConfig(TaskConfig):
     reprob: float = 0.0  # timm RandomErasing probability (mode "pixel")
     mixup: float = 0.0  # Mixup alpha (0 = off)
     cutmix: float = 0.0  # CutMix alpha (0 = off)
+    # > 0: evaluation resizes the shorter side to this, then takes the centre input_size crop
+    # (GPPF App. D.2's downstream protocol: 256, then 224); 0: the centre square of the shorter
+    # side, resized to input_size
+    eval_resize: int = 0
 
 
 class TopKEvaluator(Evaluator):
@@ -241,6 +245,8 @@ class ClassificationTask(Task):
                 torch.manual_seed(int(rng.integers(2**62)))
                 if augment is not None:
                     img = augment(img)
+            elif self.cfg.eval_resize:
+                img = _resize_then_center_crop(img, self.cfg.eval_resize, size)
             else:
                 img = img.resize((size, size), Image.BILINEAR, box=center_crop_box(*img.size))
             images[i] = to_chw_uint8(img) if erase is None else to_chw(img)
@@ -281,3 +287,14 @@ class ClassificationTask(Task):
 
     def evaluator(self) -> Evaluator:
         return TopKEvaluator(self.cfg.num_classes)
+
+
+def _resize_then_center_crop(img: Image.Image, short: int, size: int) -> Image.Image:
+    """The shorter side to `short` (aspect kept), then the centre size x size crop: torchvision's
+    Resize(short) + CenterCrop(size), the downstream-classification test transform."""
+    w, h = img.size
+    long = int(short * max(w, h) / min(w, h))  # torchvision truncates the longer side
+    nw, nh = (short, long) if w <= h else (long, short)
+    img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))

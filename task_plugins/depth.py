@@ -14,8 +14,22 @@ Metrics (`DepthEvaluator`): d1, d2, d3 (fraction of pixels with max(gt/pred, pre
 abs_rel, sq_rel, rmse, rmse_log, log10, silog, per image over pixels with gt in
 (min_depth_eval, max_depth_eval) and predictions clipped into that range (BTS's eval), averaged over
 images. The primary metric is rmse, in metres: LOWER is better, unlike the other bundled tasks'
-(the platform only reports metrics, it does not rank them). Evaluation runs at `input_size`, on
-depth maps resized with NEAREST; BTS's Garg/Eigen crops are not applied.
+(the platform only reports metrics, it does not rank them).
+
+Two geometries:
+- square (the default, `crop_size` empty): training crops and evaluation images are resized to
+  `input_size` x `input_size`, depth maps with NEAREST;
+- KITTI's, as BTS runs the Eigen split (`crop_size` = (h, w), e.g. 352 x 704): nothing is
+  resized. `kb_crop` (352 x 1216) cuts KITTI's benchmark region from the bottom centre of every
+  frame; training takes random `crop_size` crops of it with BTS's augmentation (a rotation of up
+  to `rotate_degree`, a flip, gamma / brightness / colour jitter); evaluation runs on the whole
+  (cropped) frame at its own resolution (frames of different sizes are padded in the batch), the
+  prediction is put back at its place in a frame of the ground truth's original size (zero
+  elsewhere, so clipped to min_depth_eval), and only pixels inside `eval_crop` count: Garg's
+  crop (`garg`, the Eigen split's usual) or Eigen's (`eigen`), as BTS's bts_eval.py.
+`list_format: bts` reads BTS's split files ("<image> <depth> <focal>" per line, relative to the
+image and depth roots; test lines whose depth is "None" are left out), e.g.
+eigen_train_files_with_gt.txt / eigen_test_files_with_gt.txt.
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,11 +45,12 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from gppf.data.images import BadSampleError, open_image, sample_rng, to_chw_uint8
+from gppf.data.batches import pad_stack, rows
+from gppf.data.images import IMAGENET_MEAN, BadSampleError, open_image, sample_rng, to_chw_uint8
 from gppf.data.stream import items_dataset
 from gppf.registry import register_task
 from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
-from task_plugins.segmentation import paired_files
+from task_plugins.segmentation import match_size, paired_files
 from task_plugins.upernet import conv_gn_relu
 
 DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit greyscale PNG
@@ -56,7 +72,16 @@ class DepthConfig(TaskConfig):
     silog_lambda: float = 0.85  # BTS's variance focus: 1 = fully scale-invariant
     head_channels: int = 64
     depth_scale: float = 256.0  # PNG value = metres x depth_scale (KITTI)
-    crop_scale: tuple[float, float] = (0.5, 1.0)  # train crop area, as a fraction of the image
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # square geometry: train crop area (fraction)
+    # "stems": list files name image stems (the default layout); "bts": BTS's split files, "<image>
+    # <depth> <focal>" relative to <split>_images and <split>_depth
+    list_format: str = "stems"
+    # KITTI's geometry (module docstring): (h, w) training crops at the original resolution
+    crop_size: tuple[int, ...] = ()
+    kb_crop: tuple[int, ...] = ()  # (h, w) bottom-centre crop of every frame (KITTI: 352, 1216)
+    eval_crop: str = ""  # "garg", "eigen" or "" (every valid pixel)
+    rotate_degree: float = 1.0  # KITTI geometry: random rotation within +-this (BTS's KITTI setting)
+    color_augment: bool = True  # KITTI geometry: BTS's gamma / brightness / colour jitter, p = 1/2
 
 
 class DepthHead(nn.Module):
@@ -136,23 +161,57 @@ def image_metrics(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     )
 
 
+EVAL_CROPS = {  # bts_eval.py's fractions of the ground truth's (height, width): rows, columns
+    "garg": ((0.40810811, 0.99189189), (0.03594771, 0.96405229)),
+    "eigen": ((0.3324324, 0.91351351), (0.0359477, 0.96405229)),
+}
+
+
+def eval_crop_mask(h: int, w: int, crop: str) -> torch.Tensor:
+    """[h, w] bool: the pixels Garg's or Eigen's crop keeps (all of them for "")."""
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    if not crop:
+        return ~mask
+    (r0, r1), (c0, c1) = EVAL_CROPS[crop]
+    mask[int(r0 * h) : int(r1 * h), int(c0 * w) : int(c1 * w)] = True
+    return mask
+
+
 class DepthEvaluator(Evaluator):
     """Eigen's depth metrics per image, averaged over images. `state()` = the per-metric sums and
-    the image count, so workers' states add up. rmse is in metres: lower is better."""
+    the image count, so workers' states add up. rmse is in metres: lower is better.
+
+    A batch with `offset` (KITTI's geometry) carries each ground truth at its original size: the
+    prediction (of the image's part of the padded input, `size`) goes back to its place in a
+    frame of that size, zero elsewhere. Otherwise prediction and ground truth are resized alike."""
 
     primary = "rmse"
 
-    def __init__(self, min_depth: float, max_depth: float):
-        self.min_depth, self.max_depth = min_depth, max_depth
+    def __init__(self, min_depth: float, max_depth: float, crop: str = ""):
+        self.min_depth, self.max_depth, self.crop = min_depth, max_depth, crop
         self.sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64)
 
-    def update(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
-        gt = batch["depth"].detach().cpu().double()
-        pred = match_depth(outputs.detach(), batch["depth"]).cpu().double()
-        pred = torch.nan_to_num(pred, nan=self.min_depth, posinf=self.max_depth)
-        pred = pred.clamp(self.min_depth, self.max_depth)
-        for p, g in zip(pred, gt):
-            valid = (g > self.min_depth) & (g < self.max_depth)
+    def _pairs(self, outputs: torch.Tensor, batch: dict[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if "offset" not in batch:
+            gt = batch["depth"].detach().cpu().double()
+            return list(zip(match_depth(outputs.detach(), batch["depth"]).cpu().double(), gt))
+        pred = outputs.detach().float()
+        if "image" in batch and torch.is_tensor(batch["image"]):
+            pred = match_size(pred, batch["image"])
+        out = []
+        for i, g in enumerate(rows(batch["depth"])):
+            (h, w), (top, left) = (int(v) for v in batch["size"][i]), (int(v) for v in batch["offset"][i])
+            frame = torch.zeros(g.shape, dtype=torch.float64)
+            frame[top : top + h, left : left + w] = pred[i, 0, :h, :w].cpu().double()
+            out.append((frame, g.detach().cpu().double()))
+        return out
+
+    def update(self, outputs: torch.Tensor, batch: dict[str, Any]) -> None:
+        for p, g in self._pairs(outputs, batch):
+            p = torch.nan_to_num(p, nan=self.min_depth, posinf=self.max_depth).clamp(
+                self.min_depth, self.max_depth
+            )
+            valid = (g > self.min_depth) & (g < self.max_depth) & eval_crop_mask(*g.shape, self.crop)
             if valid.any():  # an image without measurements in range does not count
                 self.sums[:-1] += image_metrics(p[valid], g[valid])
                 self.sums[-1] += 1
@@ -197,7 +256,30 @@ class DepthTask(Task):
 
     def _pairs(self, split: str) -> list[dict]:
         listing = self.cfg.train_list if split == "train" else self.cfg.val_list
+        if self.cfg.list_format == "bts" and listing:
+            return self._bts_pairs(split, listing)
         return paired_files(self.name, self.cfg.data_root, *self._dirs(split), listing, "depth")
+
+    def _bts_pairs(self, split: str, listing: str) -> list[dict]:
+        """BTS's split file: "<image> <depth> <focal>" per line, relative to the split's image and
+        depth roots; a line whose depth is "None" (Eigen test frames without ground truth) is
+        left out, as bts_eval.py leaves it out."""
+        path = Path(self.cfg.data_root) / listing
+        if not path.is_file():
+            raise FileNotFoundError(f"task {self.name!r}: {split} list {path} does not exist")
+        img_dir, depth_dir = self._dirs(split)
+        out = []
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < 2:
+                raise ValueError(
+                    f"task {self.name!r}: {path}:{n}: expected '<image> <depth> [focal]', got {line!r}"
+                )
+            if parts[1] != "None":
+                out.append({"image": str(img_dir / parts[0]), "depth": str(depth_dir / parts[1])})
+        return out
 
     def _check_depth_png(self, png: Image.Image, path: str, size: tuple[int, int], image_path: str) -> None:
         if png.format != "PNG" or png.mode not in DEPTH_MODES:
@@ -226,6 +308,16 @@ class DepthTask(Task):
             )
         if not 0 < c.crop_scale[0] <= c.crop_scale[1] <= 1:
             raise ValueError(f"tasks.{self.name}.crop_scale must be (lo, hi) in (0, 1], got {c.crop_scale}")
+        for key in ("crop_size", "kb_crop"):
+            v = getattr(c, key)
+            if v and (len(v) != 2 or min(v) < 1):
+                raise ValueError(f"tasks.{self.name}.{key} must be (height, width) or empty, got {v}")
+        if c.kb_crop and not c.crop_size:
+            raise ValueError(f"tasks.{self.name}.kb_crop is KITTI's geometry: set crop_size too")
+        if c.eval_crop not in ("", *EVAL_CROPS):
+            raise ValueError(f"tasks.{self.name}.eval_crop must be garg, eigen or empty, got {c.eval_crop!r}")
+        if c.list_format not in ("stems", "bts"):
+            raise ValueError(f"tasks.{self.name}.list_format must be stems or bts, got {c.list_format!r}")
 
     def check_data(self) -> None:
         self.check_config()
@@ -265,7 +357,84 @@ class DepthTask(Task):
         self._check_depth_png(png, path, size, image_path)
         return np.asarray(png).astype(np.float32) / np.float32(self.cfg.depth_scale)
 
+    def _kb_crop(
+        self, img: Image.Image, depth: Image.Image
+    ) -> tuple[Image.Image, Image.Image, tuple[int, int]]:
+        """KITTI's benchmark crop (bts's do_kb_crop): kb_crop (h, w) from the bottom centre."""
+        if not self.cfg.kb_crop:
+            return img, depth, (0, 0)
+        kh, kw = self.cfg.kb_crop
+        w, h = img.size
+        top, left = max(0, h - kh), max(0, (w - kw) // 2)
+        box = (left, top, left + min(kw, w), top + min(kh, h))
+        return img.crop(box), depth.crop(box), (top, left)
+
+    def _kitti_train(
+        self, img: Image.Image, depth: Image.Image, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """BTS's KITTI training sample: kb crop, rotation, random crop_size crop, flip, colour."""
+        c = self.cfg
+        img, depth, _ = self._kb_crop(img, depth)
+        if c.rotate_degree:
+            angle = float(rng.uniform(-c.rotate_degree, c.rotate_degree))
+            img = img.rotate(angle, resample=Image.BILINEAR)
+            depth = depth.rotate(angle, resample=Image.NEAREST)  # sparse depth is never interpolated
+        ch, cw = c.crop_size
+        image = np.zeros((ch, cw, 3), dtype=np.float32)
+        image[:] = IMAGENET_MEAN * 255.0  # a frame smaller than the crop: padding (0 after normalising)
+        gt = np.zeros((ch, cw), dtype=np.float32)
+        w, h = img.size
+        y, x = int(rng.integers(0, max(h - ch, 0) + 1)), int(rng.integers(0, max(w - cw, 0) + 1))
+        crop = np.asarray(img, dtype=np.float32)[y : y + ch, x : x + cw]
+        image[: crop.shape[0], : crop.shape[1]] = crop
+        d = np.asarray(depth, dtype=np.float32)[y : y + ch, x : x + cw]
+        gt[: d.shape[0], : d.shape[1]] = d
+        if rng.random() < 0.5:
+            image, gt = image[:, ::-1], gt[:, ::-1]
+        if c.color_augment and rng.random() < 0.5:  # bts's augment_image (KITTI's brightness range)
+            x01 = image / 255.0
+            x01 = x01 ** rng.uniform(0.9, 1.1) * rng.uniform(0.9, 1.1) * rng.uniform(0.9, 1.1, size=3)
+            image = np.clip(x01, 0.0, 1.0) * 255.0
+        return np.ascontiguousarray(
+            np.round(image).astype(np.uint8).transpose(2, 0, 1)
+        ), np.ascontiguousarray(gt)
+
+    def _kitti_batch(self, batch: dict[str, np.ndarray], train: bool, seed: int) -> dict[str, np.ndarray]:
+        n = len(batch["image"])
+        if train:
+            ch, cw = self.cfg.crop_size
+            images = np.empty((n, 3, ch, cw), dtype=np.uint8)
+            depths = np.empty((n, ch, cw), dtype=np.float32)
+        else:
+            images, depths = np.empty(n, dtype=object), np.empty(n, dtype=object)
+            offsets = np.empty((n, 2), dtype=np.int64)
+        for i in range(n):
+            ipath, dpath = str(batch["image"][i]), str(batch["depth"][i])
+            img = open_image(ipath, self.name, f"image {ipath}")
+            full = self._load_depth(dpath, img.size, ipath)
+            depth = Image.fromarray(full)  # mode "F", metres
+            if train:
+                images[i], depths[i] = self._kitti_train(img, depth, sample_rng(seed, ipath))
+            else:  # the (kb-cropped) frame at its resolution, the ground truth at its original size
+                img, _, offsets[i] = self._kb_crop(img, depth)
+                images[i], depths[i] = to_chw_uint8(img), full
+        return (
+            {"image": images, "depth": depths}
+            if train
+            else {"image": images, "depth": depths, "offset": offsets}
+        )
+
+    def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        out = super().to_device(batch, device)
+        if "offset" in out:  # KITTI evaluation: frames of their own sizes (stacked if all alike)
+            frames = rows(out["image"])
+            out["image"], sizes = pad_stack(frames, 0.0, divisor=32)
+            out["size"] = sizes.to(device)
+        return out
+
     def preprocess(self, batch: dict[str, np.ndarray], train: bool, seed: int) -> dict[str, np.ndarray]:
+        if self.cfg.crop_size:
+            return self._kitti_batch(batch, train, seed)
         size = self.cfg.input_size
         n = len(batch["image"])
         images = np.empty((n, 3, size, size), dtype=np.uint8)
@@ -294,4 +463,4 @@ class DepthTask(Task):
         return silog_loss(outputs, batch["depth"], self.cfg.silog_lambda)
 
     def evaluator(self) -> Evaluator:
-        return DepthEvaluator(self.cfg.min_depth_eval, self.cfg.max_depth_eval)
+        return DepthEvaluator(self.cfg.min_depth_eval, self.cfg.max_depth_eval, self.cfg.eval_crop)

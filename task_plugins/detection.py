@@ -36,6 +36,7 @@ from torchvision.transforms import v2
 
 from gppf import storage
 from gppf.config import ConfigError
+from gppf.data.batches import pad_stack
 from gppf.data.images import IMAGENET_MEAN, BadSampleError, open_image, sample_rng
 from gppf.data.stream import items_dataset
 from gppf.registry import register_task
@@ -77,6 +78,11 @@ class DetectionConfig(TaskConfig):
     # challenge's AP50 (task_plugins.oid_eval; annotations from task_plugins.openimages_to_coco)
     evaluation: str = "coco"
     oid_hierarchy: str = ""  # oid_challenge: the class-hierarchy JSON, relative to data_root
+    # > 0: evaluate with the shorter side at test_size and the longer at most test_max_size
+    # (MMDetection's test scale; GPPF's UODB finetuning tests at 800, DeepLesion at 512); 0: the
+    # longer side at input_size, padded to a square (the LSJ setting)
+    test_size: int = 0
+    test_max_size: int = 1333
     head: RCNNConfig = field(default_factory=RCNNConfig)
 
 
@@ -327,6 +333,8 @@ class DetectionTask(Task):
         return out
 
     def _eval_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.cfg.test_size:
+            return self._eval_batch_at_test_size(batch)
         s, n = self.cfg.input_size, len(batch["path"])
         out = {
             "image": np.empty((n, 3, s, s), dtype=np.uint8),
@@ -346,6 +354,32 @@ class DetectionTask(Task):
             out["size"][i] = (nh, nw)
             out["scale"][i] = scale
             out["orig_size"][i] = (h, w)
+        return out
+
+    def _eval_batch_at_test_size(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """MMDetection's / detectron2's test scale: the shorter side to test_size, the longer at
+        most test_max_size; each image at its own size (a ragged column, padded on the device)."""
+        n = len(batch["path"])
+        out = {
+            "image": np.empty(n, dtype=object),
+            "size": np.zeros((n, 2), dtype=np.int64),
+            "scale": np.zeros(n, dtype=np.float32),
+            "image_id": np.asarray(batch["image_id"], dtype=np.int64),
+            "orig_size": np.zeros((n, 2), dtype=np.int64),
+        }
+        for i in range(n):
+            img, _ = self._load(batch, i)
+            h, w = img.shape[-2:]
+            scale = min(self.cfg.test_size / min(h, w), self.cfg.test_max_size / max(h, w))
+            nh, nw = round(h * scale), round(w * scale)
+            out["image"][i] = v2.functional.resize(img, [nh, nw], antialias=True).numpy()
+            out["size"][i], out["scale"][i], out["orig_size"][i] = (nh, nw), scale, (h, w)
+        return out
+
+    def to_device(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        out = super().to_device(batch, device)
+        if isinstance(out.get("image"), list):  # test_size: images of their own sizes
+            out["image"], _ = pad_stack(out["image"], 0.0, divisor=32)  # 0: the mean colour
         return out
 
     def check_extra_root(self, other: Task) -> None:

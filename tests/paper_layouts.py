@@ -227,3 +227,40 @@ def make_paper_layouts(root: Path, seed: int = 0) -> Path:
     (voc / "ImageSets/Segmentation/train_aug.txt").write_text("\n".join(stems[:4]) + "\n")
     (voc / "ImageSets/Segmentation/val.txt").write_text("\n".join(stems[4:]) + "\n")
     return root
+
+
+def make_transfer_layouts(root: Path, demo_root: Path, seed: int = 0) -> Path:
+    """Tiny copies of GPPF App. D.2's transfer datasets in the layouts jobs/finetune.py's targets
+    read: uodb/voc (COCO JSON), kitti (BTS's Eigen split files, raw drives, annotated depth, frames
+    of KITTI's size), imagenet and downstream (ImageFolder). Images come from the demo data."""
+    import shutil
+
+    rng = np.random.default_rng([seed, 23])
+    voc = root / "uodb" / "voc"
+    (voc / "annotations").mkdir(parents=True)
+    shutil.copytree(demo_root / "detection" / "train2017", voc / "images")
+    ann = (demo_root / "detection" / "annotations" / "instances_train2017.json").read_text()
+    for split in ("train", "val"):
+        (voc / "annotations" / f"{split}.json").write_text(ann)
+    for name in ("imagenet", "downstream"):
+        shutil.copytree(demo_root / "classification", root / name)
+    kitti = root / "kitti"
+    for split, stems in (("train", ("0000000005", "0000000006")), ("test", ("0000000069", "0000000070"))):
+        lines = []
+        for stem in stems:
+            drive = f"2011_09_26_drive_{'0001' if split == 'train' else '0002'}_sync"
+            img_rel = f"2011_09_26/{drive}/image_02/data/{stem}.png"
+            gt_rel = f"{drive}/proj_depth/groundtruth/image_02/{stem}.png"
+            h, w = (375, 1242) if stem.endswith(("5", "9")) else (370, 1224)  # KITTI's frame sizes
+            for path in (kitti / "raw" / img_rel, kitti / "data_depth_annotated" / gt_rel):
+                path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (h, w, 3)).astype(np.uint8)).save(kitti / "raw" / img_rel)
+            depth = np.where(rng.random((h, w)) < 0.2, rng.uniform(3.0, 70.0, (h, w)), 0.0)
+            depth[: h // 3] = 0.0  # no LiDAR returns in the sky
+            Image.fromarray(np.round(depth * 256).astype(np.uint16)).save(
+                kitti / "data_depth_annotated" / gt_rel
+            )
+            lines.append(f"{img_rel} {gt_rel} 721.5377")
+        lines.append("2011_09_26/2011_09_26_drive_0002_sync/image_02/data/0000000099.png None 721.5377")
+        (kitti / f"eigen_{split}_files_with_gt.txt").write_text("\n".join(lines) + "\n")
+    return root

@@ -207,3 +207,23 @@ def test_a_dense_image_keeps_every_object_and_an_image_over_the_limit_is_named(t
     strict = build_task("dense", {**entry, "max_instances": 150})
     with pytest.raises(BadSampleError, match=r"dense\.png has 180 objects .*max_instances=150"):
         strict.preprocess(raw, train=True, seed=0)
+
+
+def test_evaluation_at_a_test_size_keeps_each_images_aspect(demo_root):
+    """test_size (UODB: 800): shorter side to it, longer at most test_max_size; the batch pads."""
+    from gppf.backbone import Backbone
+    from gppf.data.batches import collate_numpy
+    from gppf.model import MultiTaskModel
+
+    task = build_task("det", {**task_entries(demo_root)["det"], "test_size": 80, "test_max_size": 100})
+    units = task.source("val").units[:3]
+    out = task.preprocess({k: np.array([u[k] for u in units]) for k in units[0]}, train=False, seed=0)
+    for img, (nh, nw), (h, w), scale in zip(out["image"], out["size"], out["orig_size"], out["scale"]):
+        assert img.shape == (3, nh, nw) and (min(nh, nw) == 80 or max(nh, nw) == 100)
+        assert scale == np.float32(min(80 / min(h, w), 100 / max(h, w)))
+    batch = task.to_device(collate_numpy(out), torch.device("cpu"))
+    assert batch["image"].shape[0] == 3 and all(d % 32 == 0 for d in batch["image"].shape[-2:])
+    model = MultiTaskModel(Backbone("resnet10t"), [task]).eval()
+    with torch.no_grad():
+        detections, _ = model(batch["image"], "det", batch)
+    assert len(detections) == 3

@@ -82,3 +82,57 @@ def test_bad_finetune_settings_are_named(staged_run, demo_root, tmp_path):
         prepare(_job(demo_root, tmp_path, FinetuneConfig(mode="dynamic")), tmp_path)
     with pytest.raises(ConfigError, match=r"config.finetune.mode must be 'dynamic' or 'fixed'"):
         FinetuneConfig(mode="sparse")
+
+
+def test_head_from_another_task_loads_everything_but_the_predictor(staged_run, demo_root, tmp_path):
+    """GPPF Table 5: UODB's detection heads start from Objects365's, "but we do not load the final
+    prediction layer". Here a new detection task starts from the staged checkpoint's det head."""
+    from gppf.checkpoint import load_checkpoint, load_weights
+    from gppf.trainer import Trainer
+
+    result, _, _ = staged_run
+    ckpt = result["checkpoint"]
+    finetune = FinetuneConfig(mode="fixed", checkpoint=ckpt, route="det", head_from="det")
+    cfg = _job(demo_root, tmp_path, finetune)
+    cfg.tasks = {"uodb": task_entries(demo_root)["det"]}
+    prepared = prepare(cfg, tmp_path)
+    assert prepared.model.init_map == {"heads.det.*": "heads.uodb.*"}
+    assert prepared.model.init_skip == ["heads.uodb.roi_heads.box_predictor.*"]
+
+    t = Trainer(prepared, torch.device("cpu"))
+    plain = Trainer(prepared, torch.device("cpu"), initialise=False)  # same seed: the initial weights
+    (report, *_) = t.init_reports
+    source = load_checkpoint(ckpt)["model"]
+    head = {k: v for k, v in t.model.state_dict().items() if k.startswith("heads.uodb.")}
+    predictor = {k for k in head if ".box_predictor." in k}
+    assert predictor and set(report.skipped) == predictor  # reported as left out
+    for k, v in head.items():
+        if k in predictor:  # as initialised
+            assert torch.equal(v, plain.model.state_dict()[k]), k
+        else:  # the det head's weights, under the new task's name
+            assert torch.equal(v, source[k.replace("heads.uodb.", "heads.det.")]), k
+    assert (
+        "left out by model.init_skip (4)" in report.summary()
+        and "heads.det.* -> heads.uodb.*" in report.summary()
+    )
+
+    # A predictor of another shape (another number of classes) is an error unless skipped.
+    state = {
+        k.replace("heads.det.", "heads.src."): v for k, v in source.items() if k.startswith("heads.det.")
+    }
+    state["heads.src.roi_heads.box_predictor.cls_score.weight"] = torch.zeros(9, 4)
+    with pytest.raises(
+        ValueError, match=r"heads\.uodb\.roi_heads\.box_predictor\.cls_score\.weight has shape"
+    ):
+        load_weights(plain.model, state, "src", {"heads.src.*": "heads.uodb.*"})
+    report = load_weights(
+        plain.model, state, "src", {"heads.src.*": "heads.uodb.*"}, ["heads.uodb.*.box_predictor.*"]
+    )
+    assert len(report.skipped) == 4
+    with pytest.raises(ConfigError, match=r"the checkpoint has no task 'objects365'"):
+        prepare(
+            _job(
+                demo_root, tmp_path, FinetuneConfig(mode="dynamic", checkpoint=ckpt, head_from="objects365")
+            ),
+            tmp_path,
+        )

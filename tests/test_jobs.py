@@ -13,7 +13,7 @@ import pytest
 ALL_JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.py"))
 # Jobs whose runs are not one table of train.steps steps have a test file of their own, which runs
 # the embedded default the same way (shrunk) and checks more of it.
-OWN_TEST = {"cpf": "test_cpf.py", "tune_gppf": "test_sweep.py"}
+OWN_TEST = {"cpf": "test_cpf.py", "tune_gppf": "test_sweep.py", "tune_downstream": "test_transfer.py"}
 JOBS = [p for p in ALL_JOBS if p.stem not in OWN_TEST]
 STEPS = 2
 
@@ -44,6 +44,7 @@ def test_every_job_file_is_listed():
         "compl",
         "cpf",
         "tune_gppf",
+        "tune_downstream",
     }
     for stem, test in OWN_TEST.items():
         assert f"jobs/{stem}.py" in (Path(__file__).parent / test).read_text()

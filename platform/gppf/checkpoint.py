@@ -79,17 +79,19 @@ class LoadReport:
     fmt: str = ""  # the format the file was read as (gppf.weight_formats)
     dropped: list[str] = field(default_factory=list)  # keys of the file deliberately left out
     renamed: dict[str, str] = field(default_factory=dict)  # file key -> model key (model.init_map)
+    key_map: dict[str, str] = field(default_factory=dict)  # the model.init_map that renamed them
     skipped: list[str] = field(default_factory=list)  # model keys left out by model.init_skip
 
     def summary(self) -> str:
         fmt = f" ({self.fmt})" if self.fmt else ""
         lines = [f"[gppf] init_from {self.source}{fmt}: loaded {len(self.loaded)} tensors"]
         if self.renamed:
-            pairs = sorted({(_prefix(k), _prefix(v)) for k, v in self.renamed.items()})
-            shown = ", ".join(f"{a}* -> {b}*" for a, b in pairs)
+            shown = ", ".join(f"{a} -> {b}" for a, b in self.key_map.items())
             lines.append(f"  loaded under other names ({len(self.renamed)}): {shown}")
         if self.skipped:
-            lines.append(f"  left out by model.init_skip ({len(self.skipped)}): {_grouped(self.skipped, 5)}")
+            lines.append(
+                f"  left out by model.init_skip ({len(self.skipped)}): {_grouped(self.skipped, depth=5)}"
+            )
         if self.dropped:
             lines.append(f"  left out, not backbone ({len(self.dropped)}): {_grouped(self.dropped)}")
         if self.missing:
@@ -152,6 +154,7 @@ def load_weights(
     report = LoadReport(source)
     if key_map:
         state, report.renamed = remap(state, key_map, source)
+        report.key_map = dict(key_map)
     if skip:
         unmatched = [p for p in skip if not fnmatch.filter(own, p)]
         if unmatched:

@@ -155,7 +155,11 @@ def main(
 ) -> dict:
     """Build the job's config (full with --data-root, else the embedded demo), run it, print the table."""
     args = parser(description).parse_args(argv)
-    cfg = load_config(args, full_config, demo_config)
+    return execute(args, load_config(args, full_config, demo_config))
+
+
+def execute(args: argparse.Namespace, cfg: JobConfig) -> dict:
+    """What the command line asks of a loaded config: print it, plan it, or run it."""
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=2))
         return {}

@@ -11,6 +11,7 @@
     --set finetune.mode=dynamic --set finetune.checkpoint=RUN/checkpoint_...
     --set finetune.mode=fixed   --set finetune.checkpoint=RUN/checkpoint_... --set finetune.route=coco
     --set finetune.mode=fixed   --set finetune.route=RUN2/route_voc.pt          (retrain)
+    --set finetune.head_from=objects365   (the task's head from that task's, minus its predictor)
 
 The backbone architecture (timm name, units, shared layers, model_kwargs) comes from the
 checkpoint's run, so a finetuning job only names its tasks.
@@ -36,6 +37,8 @@ def prepare(cfg: JobConfig, run_dir: Path | UriPath) -> JobConfig:
     from gppf.export import checkpoint_config, export, load_trunk
 
     cfg = copy.deepcopy(cfg)
+    if f.head_from:
+        _head_from(cfg)
     if f.mode == "dynamic" or not Path(f.route).suffix:  # a task's route needs the checkpoint
         if not f.checkpoint:
             raise ConfigError(f"config.finetune.checkpoint: finetune.mode={f.mode} needs a gppf checkpoint")
@@ -45,7 +48,10 @@ def prepare(cfg: JobConfig, run_dir: Path | UriPath) -> JobConfig:
                 f"config.finetune.checkpoint: {f.checkpoint} has a {source.kind} backbone; sparse "
                 "finetuning starts from a lego one (a static backbone is plain: use backbone.init_from)"
             )
+        job = cfg.backbone
         cfg.backbone = copy.deepcopy(source)
+        if job.drop_path_rate is not None:  # the finetuning's stochastic depth (App. D.2's depth: 0.4)
+            cfg.backbone.drop_path_rate = job.drop_path_rate
     if f.mode == "dynamic":
         cfg.backbone.init_from = f.checkpoint
         cfg.backbone.lego.tau_decay_fraction = f.tau_decay_fraction
@@ -68,3 +74,30 @@ def prepare(cfg: JobConfig, run_dir: Path | UriPath) -> JobConfig:
     cfg.backbone.kind = "static"
     cfg.backbone.init_from = str(route_file)
     return cfg
+
+
+def _head_from(cfg: JobConfig) -> None:
+    """finetune.head_from: the job's task's head starts from that checkpoint task's head, through
+    model.init_from with a key map, its `head_skip` parts left as initialised (reported)."""
+    f = cfg.finetune
+    if not f.checkpoint:
+        raise ConfigError(
+            "config.finetune.head_from needs finetune.checkpoint, the checkpoint holding that head"
+        )
+    if len(cfg.tasks) != 1:
+        raise ConfigError(
+            "config.finetune.head_from initialises the head of the job's one task; it has "
+            f"{', '.join(cfg.tasks)}"
+        )
+    from gppf.export import checkpoint_config
+
+    source = checkpoint_config(f.checkpoint)
+    if f.head_from not in source.tasks:
+        raise ConfigError(
+            f"config.finetune.head_from: the checkpoint has no task {f.head_from!r}; its tasks: "
+            f"{', '.join(sorted(source.tasks))}"
+        )
+    task = next(iter(cfg.tasks))
+    cfg.model.init_from = f.checkpoint
+    cfg.model.init_map = {f"heads.{f.head_from}.*": f"heads.{task}.*"}
+    cfg.model.init_skip = [f"heads.{task}.{pattern}" for pattern in f.head_skip]

@@ -158,6 +158,11 @@ class FinetuneConfig:
     checkpoint: str = ""  # a gppf checkpoint of a lego backbone
     route: str = ""  # fixed: a task of the checkpoint whose route to reuse, or a route file (.pt)
     tau_decay_fraction: float = 0.5  # dynamic: τ decays over this fraction of the steps, then stays
+    # A task of the checkpoint whose head initialises the head of this job's one task, all but
+    # `head_skip` (patterns relative to the head; default: a detector's final predictor): GPPF
+    # Table 5 starts UODB's heads from Objects365's, "but we do not load the final prediction layer"
+    head_from: str = ""
+    head_skip: list[str] = field(default_factory=lambda: ["roi_heads.box_predictor.*"])
 
     def __post_init__(self):
         if self.mode not in ("", "dynamic", "fixed"):

@@ -66,11 +66,14 @@ def move(value: Any, device: torch.device) -> Any:
     return value
 
 
-def pad_stack(images: list[torch.Tensor], fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_stack(
+    images: list[torch.Tensor], fill: float = 0.0, divisor: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[C, h_i, w_i] images -> ([N, C, H, W] padded at the bottom and right with `fill`, [N, 2] the
-    (h_i, w_i) of each), H and W the largest of the batch (MMSeg's and detectron2's batching)."""
-    h = max(int(x.shape[-2]) for x in images)
-    w = max(int(x.shape[-1]) for x in images)
+    (h_i, w_i) of each), H and W the largest of the batch rounded up to a multiple of `divisor`
+    (MMSeg's and detectron2's batching)."""
+    h = -(-max(int(x.shape[-2]) for x in images) // divisor) * divisor
+    w = -(-max(int(x.shape[-1]) for x in images) // divisor) * divisor
     out = images[0].new_full((len(images), images[0].shape[0], h, w), fill)
     for i, x in enumerate(images):
         out[i, :, : x.shape[-2], : x.shape[-1]] = x
