@@ -13,7 +13,8 @@ backbone and the three heads:
   prompts, projection and decoder) trains on the multi-task loss, at lr 2.5e-4;
 - *finetune*: everything but the text encoder trains at lr 2.5e-5 (AdamW, weight decay 1e-4,
   1000 warmup iterations from lr x 0.01).
-The paper's 36 epochs are 1 adapt + 35 finetune here (`stages[0].steps`, `stages[1].steps`).
+The paper's 36 epochs are 1 adapt + 35 finetune here (`stages[0].steps`, `stages[1].steps`),
+epochs of BDD100K detection turned into SIMT steps by gppf.epochs.
 `model.adapter` picks the design (fpn, pre, post, pre_scalar, pre_vector); `model.language.variant`
 the language adapter (lv_adapter, or the baselines naive, template, ensemble); per-task loss
 weights α are `tasks.<task>.loss_weight`. BDD100K's detection labels must first be converted to
@@ -37,11 +38,19 @@ from gppf_r50 import demo_config as r50_demo  # noqa: E402
 
 from gppf import cli  # noqa: E402
 from gppf.backbone import BackboneConfig  # noqa: E402
+from gppf.epochs import epochs_to_steps  # noqa: E402
 from gppf.job_config import JobConfig, ModelConfig, OptimConfig, ScalingConfig, TrainConfig  # noqa: E402
 from gppf.stages import StageConfig  # noqa: E402
 
-# BDD100K: 70k detection training images at 2 per GPU on 8 GPUs is ~4.4k iterations per epoch.
-EPOCH = 4375
+WORLD = 8
+
+
+def epochs(n: float, tasks: dict) -> int:
+    """Steps for n epochs of BDD100K detection (69,863 images) under SIMT over the job's tasks
+    (gppf.epochs: each worker runs detection a third of the steps)."""
+    from task_plugins.bdd100k import TRAIN_IMAGES
+
+    return epochs_to_steps(n, "bdd_det", tasks, TRAIN_IMAGES, WORLD)
 
 
 def stages(adapt_steps: int, finetune_steps: int, warmup_steps: int) -> list[StageConfig]:
@@ -60,16 +69,20 @@ def stages(adapt_steps: int, finetune_steps: int, warmup_steps: int) -> list[Sta
 def full_config(data_root: str) -> JobConfig:
     from task_plugins.bdd100k import bdd100k_tasks
 
-    return JobConfig(
+    tasks = bdd100k_tasks(data_root)
+    epoch = epochs(1, tasks)
+    cfg = JobConfig(
         name="adapt_finetune_bdd100k",
-        tasks=bdd100k_tasks(data_root),
+        tasks=tasks,
         backbone=BackboneConfig(name="resnet50"),  # + backbone.init_from=<any checkpoint format>
         model=ModelConfig(neck="fpn", neck_channels=256, adapter="fpn"),
         optim=OptimConfig(name="adamw", lr=2.5e-5, weight_decay=1e-4, warmup_steps=0),
-        train=TrainConfig(log_every=50, checkpoint_every=EPOCH, eval_every=5 * EPOCH),
-        stages=stages(EPOCH, 35 * EPOCH, 1000),
-        scaling=ScalingConfig(num_workers=8, use_gpu=True, cpus_per_worker=8, max_failures=3),
+        train=TrainConfig(log_every=50, checkpoint_every=epoch, eval_every=5 * epoch),
+        stages=stages(epochs(1, tasks), epochs(35, tasks), 1000),
+        scaling=ScalingConfig(num_workers=WORLD, use_gpu=True, cpus_per_worker=8, max_failures=3),
     )
+    cfg.train.steps = sum(s.steps for s in cfg.stages)
+    return cfg
 
 
 def pretrain_config(demo_root: str) -> JobConfig:

@@ -20,7 +20,8 @@ final checkpoint:
 Re-running the same command continues the protocol where it stopped: finished phases are
 skipped, an interrupted one continues from its newest checkpoint. `--set cpf.<key>=...` sets the
 protocol's keys, every other `--set` the job's. AdamW at 1e-4 with weight decay 0.05 as VTD §5
-(cosine instead of the step decays); the epoch counts are VTD's (12, 12, 6 per head).
+(cosine instead of the step decays); the epoch counts are VTD's (12, 12, 6 per head), epochs of
+BDD100K detection turned into SIMT steps by gppf.epochs.
 
 With no arguments it runs the embedded demo: the demo detection and segmentation tasks as the
 curriculum, segmentation pseudo-labels on the demo detection images, the joint phase with the
@@ -42,6 +43,7 @@ from gppf_r50 import demo_config as r50_demo  # noqa: E402
 from gppf import cli  # noqa: E402
 from gppf.backbone import BackboneConfig  # noqa: E402
 from gppf.config import ConfigError, to_dict  # noqa: E402
+from gppf.epochs import epochs_to_steps  # noqa: E402
 from gppf.job_config import JobConfig, OptimConfig, ScalingConfig, TrainConfig  # noqa: E402
 from gppf.protocol import (  # noqa: E402
     CurriculumConfig,
@@ -53,26 +55,39 @@ from gppf.protocol import (  # noqa: E402
     summary,
 )
 
-# BDD100K detection: 70k training images at 8 per GPU on 8 GPUs is ~1.1k iterations per epoch.
-EPOCH = 1100
+WORLD = 8
+CURRICULUM = ["bdd_det", "bdd_seg"]
+
+
+def epochs(n: float, data_root: str, stage_tasks: list[str] = ()) -> int:
+    """Steps for n epochs of BDD100K detection (69,863 images) under SIMT over `stage_tasks` (all
+    three by default; gppf.epochs), as VTD counts its 12 / 12 / 6 epochs."""
+    from task_plugins.bdd100k import TRAIN_IMAGES, bdd100k_tasks
+
+    return epochs_to_steps(
+        n, "bdd_det", bdd100k_tasks(data_root), TRAIN_IMAGES, WORLD, stage_tasks=stage_tasks
+    )
 
 
 def full_config(data_root: str) -> JobConfig:
     from task_plugins.bdd100k import bdd100k_tasks
 
+    epoch = epochs(1, data_root)
     return JobConfig(
         name="cpf_bdd100k",
         tasks=bdd100k_tasks(data_root),
         backbone=BackboneConfig(name="resnet50"),  # + backbone.init_from=<ImageNet weights>
         optim=OptimConfig(name="adamw", lr=1e-4, weight_decay=0.05, warmup_steps=500),
-        train=TrainConfig(steps=12 * EPOCH, log_every=50, checkpoint_every=EPOCH, eval_every=4 * EPOCH),
-        scaling=ScalingConfig(num_workers=8, use_gpu=True, cpus_per_worker=8, max_failures=3),
+        train=TrainConfig(
+            steps=epochs(12, data_root), log_every=50, checkpoint_every=epoch, eval_every=4 * epoch
+        ),
+        scaling=ScalingConfig(num_workers=WORLD, use_gpu=True, cpus_per_worker=8, max_failures=3),
     )
 
 
 def full_protocol(data_root: str) -> ProtocolConfig:
     return ProtocolConfig(
-        curriculum=CurriculumConfig(tasks=["bdd_det", "bdd_seg"], steps=12 * EPOCH),
+        curriculum=CurriculumConfig(tasks=CURRICULUM, steps=epochs(12, data_root, CURRICULUM)),
         pseudo_labels=PseudoLabelPhaseConfig(
             task="bdd_seg",
             images=str(Path(data_root) / "bdd100k" / "images" / "100k" / "train"),
@@ -81,7 +96,8 @@ def full_protocol(data_root: str) -> ProtocolConfig:
             cpus_per_actor=4,
             use_gpu=True,
         ),
-        decoder_finetune=DecoderFinetuneConfig(steps=6 * EPOCH),
+        # each head on its own data, every worker on it: 6 epochs of detection
+        decoder_finetune=DecoderFinetuneConfig(steps=epochs(6, data_root, ["bdd_det"])),
     )
 
 

@@ -56,7 +56,11 @@ DRIVABLE_CLASSES = ("direct", "alternative", "background")
 # What the language-guided adapters prompt with (gppf.language): words, not label codes.
 DRIVABLE_NAMES = ("directly drivable area", "alternatively drivable area", "background")
 
-__all__ = ["CATEGORIES", "DRIVABLE_CLASSES", "SEM_SEG_CLASSES", "bdd100k_tasks"]
+# The release's training-set sizes, which epoch counts are stated in (gppf.epochs): the 100k
+# images' train split (70,000; 69,863 of them carry detection labels) and the 10k images' (7,000).
+TRAIN_IMAGES = {"bdd_det": 69_863, "bdd_seg": 7_000, "bdd_drivable": 70_000}
+
+__all__ = ["CATEGORIES", "DRIVABLE_CLASSES", "SEM_SEG_CLASSES", "TRAIN_IMAGES", "bdd100k_tasks"]
 
 
 def bdd100k_tasks(

@@ -57,3 +57,26 @@ def test_errors_name_the_task():
         epochs_to_steps(1, "b", TASKS, SIZES, world=8, stage_tasks=["a"])
     with pytest.raises(ConfigError, match=r"sampler 'size' needs the training-set size of task 'a'"):
         epochs_to_steps(1, "b", TASKS, {"b": 800}, world=8, sampler="size")
+
+
+def test_jobs_that_state_epochs_count_them_with_the_helper(tmp_path):
+    """LV-Adapter's 1 + 35, VTD's 12 / 12 / 6, GPPF's LVIS stage and IN-1K's 300 epochs, by hand."""
+    from pathlib import Path
+
+    from tests.test_jobs import load_job
+
+    jobs = Path(__file__).resolve().parents[1] / "jobs"
+    det = 69_863  # BDD100K detection's training images
+    # adapt_finetune: 8 workers over 3 tasks of batch 8 read 8 x 1/3 x 8 detection images a step
+    adapt = load_job(jobs / "adapt_finetune.py").full_config(str(tmp_path))
+    assert [s.steps for s in adapt.stages] == [math.ceil(det / (64 / 3)), math.ceil(35 * det / (64 / 3))]
+    assert adapt.train.steps == sum(s.steps for s in adapt.stages)
+    # cpf: joint over 3 tasks, curriculum over det + seg, decoder finetuning on detection alone
+    cpf = load_job(jobs / "cpf.py")
+    job, proto = cpf.full_config(str(tmp_path)), cpf.full_protocol(str(tmp_path))
+    assert job.train.steps == math.ceil(12 * det / (64 / 3))
+    assert proto.curriculum.steps == math.ceil(12 * det / 32)
+    assert proto.decoder_finetune.steps == math.ceil(6 * det / 64)
+    # gppf_r50: LVIS's second stage, 12 epochs of its 100,170 images on all 56 workers at batch 8
+    r50 = load_job(jobs / "gppf_r50.py")
+    assert r50.lvis_second_stage_steps(r50.full_config(str(tmp_path)).tasks, 56) == math.ceil(12 * 100_170 / 448)
