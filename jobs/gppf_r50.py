@@ -77,7 +77,8 @@ def full_config(data_root: str) -> JobConfig:
     VOCdevkit/VOC2012/{JPEGImages,SegmentationClassAug}, .../ImageSets/Segmentation/{train_aug,val}.txt
     """
     root = storage.path(data_root)
-    coco_layout = {"type": "detection", "sampling_weight": 2.5, "batch_size": 8}
+    # Copy-Paste [29] on every pair of images (its paper pastes on every pair; no probability)
+    coco_layout = {"type": "detection", "sampling_weight": 2.5, "batch_size": 8, "copy_paste": 1.0}
     tasks = {
         "in21k": {
             "type": "classification",
@@ -165,9 +166,13 @@ def full_config(data_root: str) -> JobConfig:
         name="gppf_r50",
         tasks=tasks,
         # Lego ResNet-50, N=2 units per layer, soft Gumbel-softmax, τ 5.0 -> 0.01 at 90 %, with
-        # gradient checkpointing ("Model Checkpoint"): App. D.1.
+        # gradient checkpointing ("Model Checkpoint"): App. D.1. The stem is a lego layer too: the
+        # tasks' sharing it is what App. B found, not a constraint.
         backbone=BackboneConfig(
-            name="resnet50", kind="lego", lego=LegoConfig(num_units=2, mode="soft"), grad_checkpointing=True
+            name="resnet50",
+            kind="lego",
+            lego=LegoConfig(num_units=2, mode="soft", shared_stem=False),
+            grad_checkpointing=True,
         ),
         optim=OptimConfig(name="sgd", lr=0.16, momentum=0.9, weight_decay=5e-4, warmup_steps=50_000),
         train=TrainConfig(log_every=50, checkpoint_every=5000),

@@ -32,7 +32,7 @@ def full_config(data_root: str):
     cfg = r50_full(data_root)
     cfg.name = "gppf_swint"
     cfg.backbone.name = SWIN
-    cfg.backbone.grad_checkpointing = False
+    cfg.backbone.grad_checkpointing = True  # "training settings are similar": Model Checkpoint too
     # No decay on norms, biases and relative-position tables: Swin's own recipe (unspecified by GPPF).
     cfg.optim = OptimConfig(
         name="adamw", lr=1e-4, weight_decay=0.05, warmup_steps=50_000, norm_bias_decay=False

@@ -79,4 +79,5 @@ def test_jobs_that_state_epochs_count_them_with_the_helper(tmp_path):
     assert proto.decoder_finetune.steps == math.ceil(6 * det / 64)
     # gppf_r50: LVIS's second stage, 12 epochs of its 100,170 images on all 56 workers at batch 8
     r50 = load_job(jobs / "gppf_r50.py")
-    assert r50.lvis_second_stage_steps(r50.full_config(str(tmp_path)).tasks, 56) == math.ceil(12 * 100_170 / 448)
+    tasks = r50.full_config(str(tmp_path)).tasks
+    assert r50.lvis_second_stage_steps(tasks, 56) == math.ceil(12 * 100_170 / 448)

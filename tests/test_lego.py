@@ -106,3 +106,37 @@ def test_swin_export_loads_strict_into_timm_and_matches():
             out = ref.forward_features(x).permute(0, 3, 1, 2)
             torch.testing.assert_close(out, m(x, task)[-1], atol=1e-5, rtol=1e-5)
     assert m.controller.route("a") != m.controller.route("b")
+
+
+def test_a_learned_stem_has_units_trains_and_exports():
+    """GPPF's stem is a lego layer like the others (App. B plots its selection): shared_stem=false."""
+    torch.manual_seed(0)
+    m = LegoResNet("resnet10t", ["a", "b"], LegoConfig(num_units=2, mode="soft", shared_stem=False))
+    assert m.layers[0].num_units == 2
+    m.train()
+    m.tau = 1.0
+    sum(f.mean() for f in m(torch.randn(2, 3, 32, 32), "a")).backward()
+    assert m.controller.logits["a"].grad[0].abs().sum() > 0  # the stem's choice gets a gradient
+    ref = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    ref.load_state_dict(m.export("a"), strict=True)
+
+
+def test_a_frozen_controller_runs_the_argmax_route_in_training():
+    """A stage that freezes the lego trunk (LVIS's classifier stage) runs the route evaluation and
+    export see, not Gumbel samples: the controller goes to eval mode with the frozen BNs."""
+    from gppf.stages import frozen_modules
+
+    m = _lego("soft")
+    frozen = frozen_modules(m, {n for n, _ in m.named_parameters()})
+    m.train()
+    for module in frozen:
+        module.eval()
+    assert not m.controller.training
+    x = torch.randn(2, 3, 32, 32)
+    m.generator = torch.Generator().manual_seed(1)
+    a = m(x, "a")
+    m.generator = torch.Generator().manual_seed(2)  # other Gumbel noise: no effect now
+    b = m(x, "a")
+    m.eval()
+    ref = m(x, "a")
+    assert all(torch.equal(u, v) and torch.equal(u, w) for u, v, w in zip(a, b, ref))

@@ -67,7 +67,11 @@ def gumbel_tau(
 
 
 class GumbelController(nn.Module):
-    """Per-task selection logits α[task] of shape [layers, units]."""
+    """Per-task selection logits α[task] of shape [layers, units]. A stage that freezes them puts
+    the controller in eval mode (gppf.stages.frozen_modules): the trunk then runs every task's
+    arg-max route, the network evaluation and export see, instead of sampling Gumbel routes."""
+
+    eval_when_frozen = True
 
     def __init__(self, tasks: Sequence[str], num_layers: int, num_units: int):
         super().__init__()
@@ -138,6 +142,12 @@ class LegoLayer(nn.Module):
             for bn in group:
                 object.__setattr__(bn, "siblings", list(group))  # plain list: not submodules
 
+    def _link(self) -> bool:
+        if not self._linked:
+            self.link_siblings()
+            self._linked = True
+        return True
+
     def _run(self, k: int, x: torch.Tensor, hard_slot: bool) -> torch.Tensor:
         self.executed[k] += 1
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -156,13 +166,13 @@ class LegoLayer(nn.Module):
         if self.num_units == 1 or weights is None:
             return self._run(0, x, False)
         if isinstance(weights, int):
-            return self._run(weights, x, False)
+            # One fixed unit: evaluation, or training under a frozen controller (arg-max routes).
+            # Training, its cross-task BN takes the hard route's slot, so that ranks running other
+            # units of this layer still issue the same collective.
+            return self._run(weights, x, self._link() if self.training else False)
         if hard:
             k = int(weights.detach().argmax())
-            if not self._linked:
-                self.link_siblings()
-                self._linked = True
-            return _HardGate.apply(self._run(k, x, True), weights[k])
+            return _HardGate.apply(self._run(k, x, self._link()), weights[k])
         return sum(weights[k] * self._run(k, x, False) for k in range(self.num_units))
 
 
@@ -217,14 +227,15 @@ class LegoBackbone(Trunk):
 
     def forward(self, x: torch.Tensor, task: str) -> list[torch.Tensor]:
         hard = self.cfg.mode == "hard"
-        if self.training:
+        sampling = self.training and self.controller.training  # a frozen controller: arg-max routes
+        if sampling:
             weights = self.controller.sample(task, self.tau, hard, self.generator)
         route = self.controller.route(task)
         feats = []
         for idx, layer in enumerate(self.layers):
             if layer.num_units == 1:
                 x = layer(x)
-            elif self.training:
+            elif sampling:
                 x = layer(x, weights[idx], hard=hard)
             else:
                 x = layer(x, route[idx])

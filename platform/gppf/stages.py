@@ -183,7 +183,13 @@ def frozen_parameters(
 
 
 # Layers whose training-mode forward changes state or adds noise: a frozen part keeps them in eval.
+# A module may declare itself one with `eval_when_frozen = True` (a lego trunk's Gumbel controller:
+# frozen, it routes by arg-max instead of sampling).
 STATEFUL_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+def _stateful(m: nn.Module) -> bool:
+    return isinstance(m, STATEFUL_LAYERS) or getattr(m, "eval_when_frozen", False)
 
 
 def frozen_modules(model: nn.Module, frozen: set[str]) -> list[nn.Module]:
@@ -197,6 +203,6 @@ def frozen_modules(model: nn.Module, frozen: set[str]) -> list[nn.Module]:
             continue
         params = [f"{name}.{n}" if name else n for n, _ in module.named_parameters()]
         if params and all(p in frozen for p in params):
-            out.extend(m for m in module.modules() if isinstance(m, STATEFUL_LAYERS))
+            out.extend(m for m in module.modules() if _stateful(m))
             taken.append(name)
     return out

@@ -13,6 +13,7 @@ column accept both (`rows`).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -26,17 +27,21 @@ def collate_numpy(batch: dict[str, np.ndarray]) -> dict[str, Column]:
     """Numeric columns -> tensors; object columns of arrays -> object arrays of tensors; other
     object columns (strings) stay as they are."""
     out: dict[str, Column] = {}
-    for key, value in batch.items():
-        value = np.asarray(value) if not isinstance(value, np.ndarray) else value
-        if value.dtype != object:
-            out[key] = torch.from_numpy(np.ascontiguousarray(value))
-        elif len(value) and all(isinstance(v, np.ndarray) for v in value):
-            tensors = np.empty(len(value), dtype=object)
-            for i, v in enumerate(value):
-                tensors[i] = torch.from_numpy(np.ascontiguousarray(v))
-            out[key] = tensors
-        else:
-            out[key] = value
+    # Arrays from the object store are read-only; torch warns about each, and Ray's own collate
+    # silences it the same way: batches are never written in place, and a copy would cost memory.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for key, value in batch.items():
+            value = np.asarray(value) if not isinstance(value, np.ndarray) else value
+            if value.dtype != object:
+                out[key] = torch.as_tensor(value)
+            elif len(value) and all(isinstance(v, np.ndarray) for v in value):
+                tensors = np.empty(len(value), dtype=object)
+                for i, v in enumerate(value):
+                    tensors[i] = torch.as_tensor(v)
+                out[key] = tensors
+            else:
+                out[key] = value
     return out
 
 
