@@ -71,7 +71,7 @@ def full_config(data_root: str) -> JobConfig:
 
     tasks = bdd100k_tasks(data_root)
     epoch = epochs(1, tasks)
-    cfg = JobConfig(
+    return JobConfig(
         name="adapt_finetune_bdd100k",
         tasks=tasks,
         backbone=BackboneConfig(name="resnet50"),  # + backbone.init_from=<any checkpoint format>
@@ -81,8 +81,6 @@ def full_config(data_root: str) -> JobConfig:
         stages=stages(epochs(1, tasks), epochs(35, tasks), 1000),
         scaling=ScalingConfig(num_workers=WORLD, use_gpu=True, cpus_per_worker=8, max_failures=3),
     )
-    cfg.train.steps = sum(s.steps for s in cfg.stages)
-    return cfg
 
 
 def pretrain_config(demo_root: str) -> JobConfig:

@@ -162,7 +162,7 @@ def full_config(data_root: str) -> JobConfig:
         },
         "voc": voc_task(root),
     }
-    cfg = JobConfig(
+    return JobConfig(
         name="gppf_r50",
         tasks=tasks,
         # Lego ResNet-50, N=2 units per layer, soft Gumbel-softmax, τ 5.0 -> 0.01 at 90 %, with
@@ -179,8 +179,6 @@ def full_config(data_root: str) -> JobConfig:
         stages=stages(500_000, 50_000, lvis_second_stage_steps(tasks, 56)),
         scaling=ScalingConfig(num_workers=56, use_gpu=True, cpus_per_worker=8, max_failures=3),
     )
-    cfg.train.steps = sum(s.steps for s in cfg.stages)
-    return cfg
 
 
 # LVIS v1's training images; the second stage is counted in epochs of them (gppf.epochs).
