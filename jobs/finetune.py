@@ -46,8 +46,8 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "platform"), str(Path(__file__).resolve().parent)]
 
+from gppf_r50 import IN21K_RECIPE, demo_detection_task  # noqa: E402
 from gppf_r50 import demo_config as r50_demo  # noqa: E402
-from gppf_r50 import demo_detection_task  # noqa: E402
 
 from gppf import cli, storage  # noqa: E402
 from gppf.backbone import BackboneConfig  # noqa: E402
@@ -151,12 +151,7 @@ def in1k_config(data_root: str) -> JobConfig:
             "data_root": str(storage.path(data_root) / "imagenet"),
             "batch_size": 64,
             "input_size": 224,
-            "auto_augment": "rand-m9-mstd0.5-inc1",
-            "reprob": 0.25,
-            "mixup": 0.8,
-            "cutmix": 1.0,
-            "label_smoothing": 0.1,
-            "crop_scale_min": 0.08,
+            **IN21K_RECIPE,  # "the same hyperparameters except for learning rate"
             "eval_resize": 256,
         }
     }

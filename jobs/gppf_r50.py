@@ -42,6 +42,18 @@ COCO_STUFF_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
 COCO_STUFF_MAP = {raw: i for i, raw in enumerate(r for r in range(182) if r not in COCO_STUFF_UNUSED)}
 
 
+# GPPF's classification recipe (App. D.1, with timm): RandAugment, Random Erasing, Mixup, CutMix,
+# label smoothing; IN-1K finetuning uses it too (App. D.2).
+IN21K_RECIPE = {
+    "auto_augment": "rand-m9-mstd0.5-inc1",
+    "reprob": 0.25,
+    "mixup": 0.8,
+    "cutmix": 1.0,
+    "label_smoothing": 0.1,
+    "crop_scale_min": 0.08,
+}
+
+
 def voc_task(root: Path) -> dict:
     """Pascal VOC 2012 segmentation with SBD's train_aug list (VOCdevkit/VOC2012 under root)."""
     return {
@@ -86,13 +98,7 @@ def full_config(data_root: str) -> JobConfig:
             "sampling_weight": 4.0,
             "batch_size": 96,
             "input_size": 224,
-            # GPPF's classification recipe (timm): RandAugment, Random Erasing, Mixup, CutMix.
-            "auto_augment": "rand-m9-mstd0.5-inc1",
-            "reprob": 0.25,
-            "mixup": 0.8,
-            "cutmix": 1.0,
-            "label_smoothing": 0.1,
-            "crop_scale_min": 0.08,
+            **IN21K_RECIPE,
         },
         "coco": {**coco_layout, "data_root": str(root / "coco")},
         "lvis": {

@@ -333,11 +333,13 @@ class DetectionTask(Task):
         return out
 
     def _eval_batch(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.cfg.test_size:
-            return self._eval_batch_at_test_size(batch)
-        s, n = self.cfg.input_size, len(batch["path"])
+        """The longer side to input_size, padded to a square with the mean colour (the LSJ
+        evaluation setting); or with `test_size` MMDetection's / detectron2's test scale, the
+        shorter side to test_size and the longer at most test_max_size, each image at its own size
+        (a ragged column, padded on the device)."""
+        s, n, ragged = self.cfg.input_size, len(batch["path"]), bool(self.cfg.test_size)
         out = {
-            "image": np.empty((n, 3, s, s), dtype=np.uint8),
+            "image": np.empty(n, dtype=object) if ragged else np.empty((n, 3, s, s), dtype=np.uint8),
             "size": np.zeros((n, 2), dtype=np.int64),
             "scale": np.zeros(n, dtype=np.float32),
             "image_id": np.asarray(batch["image_id"], dtype=np.int64),
@@ -346,33 +348,18 @@ class DetectionTask(Task):
         for i in range(n):
             img, _ = self._load(batch, i)
             h, w = img.shape[-2:]
-            scale = s / max(h, w)  # longer side to input_size, then pad: the LSJ evaluation setting
-            nh, nw = min(s, round(h * scale)), min(s, round(w * scale))
-            img = v2.functional.resize(img, [nh, nw], antialias=True)
-            out["image"][i] = np.asarray(_PAD_FILL[tv_tensors.Image], dtype=np.uint8)[:, None, None]
-            out["image"][i, :, :nh, :nw] = img.numpy()
-            out["size"][i] = (nh, nw)
-            out["scale"][i] = scale
-            out["orig_size"][i] = (h, w)
-        return out
-
-    def _eval_batch_at_test_size(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """MMDetection's / detectron2's test scale: the shorter side to test_size, the longer at
-        most test_max_size; each image at its own size (a ragged column, padded on the device)."""
-        n = len(batch["path"])
-        out = {
-            "image": np.empty(n, dtype=object),
-            "size": np.zeros((n, 2), dtype=np.int64),
-            "scale": np.zeros(n, dtype=np.float32),
-            "image_id": np.asarray(batch["image_id"], dtype=np.int64),
-            "orig_size": np.zeros((n, 2), dtype=np.int64),
-        }
-        for i in range(n):
-            img, _ = self._load(batch, i)
-            h, w = img.shape[-2:]
-            scale = min(self.cfg.test_size / min(h, w), self.cfg.test_max_size / max(h, w))
-            nh, nw = round(h * scale), round(w * scale)
-            out["image"][i] = v2.functional.resize(img, [nh, nw], antialias=True).numpy()
+            if ragged:
+                scale = min(self.cfg.test_size / min(h, w), self.cfg.test_max_size / max(h, w))
+                nh, nw = round(h * scale), round(w * scale)
+            else:
+                scale = s / max(h, w)
+                nh, nw = min(s, round(h * scale)), min(s, round(w * scale))
+            img = v2.functional.resize(img, [nh, nw], antialias=True).numpy()
+            if ragged:
+                out["image"][i] = img
+            else:
+                out["image"][i] = np.asarray(_PAD_FILL[tv_tensors.Image], dtype=np.uint8)[:, None, None]
+                out["image"][i, :, :nh, :nw] = img
             out["size"][i], out["scale"][i], out["orig_size"][i] = (nh, nw), scale, (h, w)
         return out
 

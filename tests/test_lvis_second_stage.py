@@ -16,19 +16,9 @@ from gppf.stages import StageConfig
 from gppf.trainer import Trainer
 from task_plugins.rcnn import class_balanced_weights
 from tests.tasks_for_tests import task_entries
+from tests.test_trainer import FixedStream
 
 CLS = "heads.det.roi_heads.box_predictor.cls_score.*"
-
-
-class FixedStream:
-    def __init__(self, batch):
-        self.batch = batch
-
-    def next(self):
-        return self.batch, 0.0
-
-    def close(self):
-        pass
 
 
 def _config(demo_root, stages, **head) -> JobConfig:
