@@ -435,6 +435,13 @@ class DetectionTask(Task):
         """`class_balanced_beta` (in (0, 1)): the head trains its classifier (a cascade: each
         stage's) with the class-balanced loss, from this task's per-class training-instance
         counts (LVIS's second stage); without it, the usual losses."""
+        self.check_stage_options(options, where)
+        beta = options.get("class_balanced_beta")
+        head.class_weights = (
+            None if beta is None else class_balanced_weights(self.instance_counts(), float(beta))
+        )
+
+    def check_stage_options(self, options: dict[str, Any], where: str) -> None:
         unknown = sorted(set(options) - {"class_balanced_beta"})
         if unknown:
             raise ConfigError(
@@ -442,14 +449,10 @@ class DetectionTask(Task):
                 "(known: class_balanced_beta)"
             )
         beta = options.get("class_balanced_beta")
-        if beta is None:
-            head.class_weights = None
-            return
-        if not 0 < float(beta) < 1:
+        if beta is not None and not (isinstance(beta, (int, float)) and 0 < float(beta) < 1):
             raise ConfigError(
                 f"{where}: task_options.{self.name}.class_balanced_beta must be in (0, 1), got {beta}"
             )
-        head.class_weights = class_balanced_weights(self.instance_counts(), float(beta))
 
     def instance_counts(self) -> list[int]:
         """Training instances of each class (contiguous label order), from the train annotations."""

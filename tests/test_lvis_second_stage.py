@@ -154,3 +154,21 @@ def test_cascade_second_stage_trains_each_stages_classifier_with_the_balanced_lo
     cls, _ = head.roi_heads.box_loss(logits, torch.zeros(6, 4), [labels], [torch.zeros(6, 4)])
     w = head.class_weights[labels]
     assert cls.item() == pytest.approx((w * F.cross_entropy(logits, labels, reduction="none")).mean().item())
+
+
+def test_a_late_stages_options_are_checked_before_the_run(demo_root):
+    """The LVIS stage comes after 500k steps: its options are checked on the driver, up front."""
+    from gppf.runner import validate
+
+    stages = [
+        StageConfig("joint", 5),
+        StageConfig("cb", 1, task_options={"det": {"class_balanced_beta": 2.0}}),
+    ]
+    with pytest.raises(
+        ConfigError, match=r"stages\[1\] \(cb\): task_options\.det\.class_balanced_beta must be"
+    ):
+        validate(_config(demo_root, stages))
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(cb\): task_options names task 'lvis'"):
+        validate(
+            _config(demo_root, [StageConfig("joint", 5), StageConfig("cb", 1, task_options={"lvis": {}})])
+        )

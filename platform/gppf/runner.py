@@ -76,6 +76,14 @@ def validate(cfg: JobConfig) -> tuple[list[Task], StagePlan]:
     attached_tasks(tasks)  # composite-mode errors, too
     # Stage errors (unknown task, bad weights) surface here, before any worker starts.
     plan = StagePlan(cfg.stages, sampling_weights(tasks), cfg.train.steps, cfg.optim.warmup_steps)
+    by_name = {t.name: t for t in tasks}
+    for i, stage in enumerate(cfg.stages):  # every stage's task options, before any worker starts
+        where = f"stages[{i}] ({stage.name})"
+        unknown = [t for t in stage.task_options if t not in by_name]
+        if unknown:
+            raise ConfigError(f"{where}: task_options names task {unknown[0]!r}, not a task of this job")
+        for name, options in stage.task_options.items():
+            by_name[name].check_stage_options(options, where)
     if cfg.stages and cfg.train.steps not in (plan.total, TrainConfig().steps):
         raise ConfigError(
             f"config.train.steps={cfg.train.steps}, but the run is its stages, which add up to "

@@ -171,14 +171,19 @@ class Task:
         sliding-window segmentation runs `forward` once per window)."""
         return forward(batch[self.input_key()])
 
-    def enter_stage(self, head: nn.Module, options: dict[str, Any], where: str) -> None:
-        """A stage starts (gppf.stages): `options` are its `task_options` for this task (empty when
-        it has none). A task that takes options overrides this; here any option is an error."""
+    def check_stage_options(self, options: dict[str, Any], where: str) -> None:
+        """Raise ConfigError for a stage's `task_options` this task does not take (on the driver,
+        for every stage before the run starts: a bad option of a late stage must not wait for it)."""
         if options:
             raise ConfigError(
                 f"{where}: task_options.{self.name} has {', '.join(sorted(options))}, but task "
                 f"{self.name!r} ({type(self).__name__}) takes no stage options"
             )
+
+    def enter_stage(self, head: nn.Module, options: dict[str, Any], where: str) -> None:
+        """A stage starts (gppf.stages): `options` are its `task_options` for this task (empty when
+        it has none), checked by `check_stage_options`. A task that takes options overrides both."""
+        self.check_stage_options(options, where)
 
     # -- extra training data ----------------------------------------------------------------
     def extra_train_units(self, read: Callable[[list[Any]], Any]) -> list[Any]:
