@@ -435,7 +435,6 @@ class DetectionTask(Task):
         """`class_balanced_beta` (in (0, 1)): the head trains its classifier (a cascade: each
         stage's) with the class-balanced loss, from this task's per-class training-instance
         counts (LVIS's second stage); without it, the usual losses."""
-        self.check_stage_options(options, where)
         beta = options.get("class_balanced_beta")
         head.class_weights = (
             None if beta is None else class_balanced_weights(self.instance_counts(), float(beta))

@@ -148,3 +148,20 @@ def test_downstream_grid_runs_every_point(layouts, tmp_path, ray_session, demo_r
     rows = list(csv.DictReader(open(tmp_path / "sweeps" / "grid" / "results.csv")))
     points = {(float(r["optim.lr"]), float(r["optim.weight_decay"])) for r in rows}
     assert points == {(lr, wd) for lr in job.DEMO_LRS for wd in job.DEMO_WEIGHT_DECAYS}
+
+
+def test_downstream_test_transform_is_torchvisions_resize_then_center_crop():
+    """App. D.2's test transform (shorter side to 256, centre 224): `eval_resize` equals
+    torchvision's Resize(256) + CenterCrop(224) on the same PIL image, pixel for pixel."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    from task_plugins.classification import _resize_then_center_crop
+
+    reference = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
+    rng = np.random.default_rng(0)
+    for w, h in ((500, 375), (333, 500), (300, 300), (257, 1000)):
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3)).astype(np.uint8))
+        ours = np.asarray(_resize_then_center_crop(img, 256, 224))
+        assert ours.shape == (224, 224, 3) and np.array_equal(ours, np.asarray(reference(img)))

@@ -7,6 +7,7 @@ world_size, initial_eval}. `read_weights` also accepts a bare state_dict file (a
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import os
 from dataclasses import dataclass, field
@@ -148,8 +149,6 @@ def load_weights(
     key. Missing keys keep their initial values, unexpected keys are ignored; both are reported.
     `key_map` loads keys under other names first (`remap`); `skip` (fnmatch patterns over the
     model's keys) leaves those as initialised, e.g. a detection head's final predictor."""
-    import fnmatch
-
     own = module.state_dict()
     report = LoadReport(source)
     if key_map:

@@ -67,7 +67,7 @@ def resolve(cfg: JobConfig) -> JobConfig:
 def validate(cfg: JobConfig) -> tuple[list[Task], StagePlan]:
     """The checks of `resolve` that read no data (a sweep runs them on every corner of its
     search space): tasks build, composite attachments and stages are consistent."""
-    from gppf.stages import StagePlan
+    from gppf.stages import StagePlan, check_task_options
 
     if not cfg.tasks:
         raise ValueError("config.tasks is empty: a job needs at least one task")
@@ -78,12 +78,7 @@ def validate(cfg: JobConfig) -> tuple[list[Task], StagePlan]:
     plan = StagePlan(cfg.stages, sampling_weights(tasks), cfg.train.steps, cfg.optim.warmup_steps)
     by_name = {t.name: t for t in tasks}
     for i, stage in enumerate(cfg.stages):  # every stage's task options, before any worker starts
-        where = f"stages[{i}] ({stage.name})"
-        unknown = [t for t in stage.task_options if t not in by_name]
-        if unknown:
-            raise ConfigError(f"{where}: task_options names task {unknown[0]!r}, not a task of this job")
-        for name, options in stage.task_options.items():
-            by_name[name].check_stage_options(options, where)
+        check_task_options(stage, by_name, f"stages[{i}] ({stage.name})")
     if cfg.stages and cfg.train.steps not in (plan.total, TrainConfig().steps):
         raise ConfigError(
             f"config.train.steps={cfg.train.steps}, but the run is its stages, which add up to "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +168,17 @@ def _matching(names: list[str], patterns: list[str], key: str, where: str) -> se
             )
         out.update(hit)
     return out
+
+
+def check_task_options(stage: StageConfig, tasks: Mapping[str, Any], where: str) -> None:
+    """A stage's `task_options` name tasks of the job and only options they take
+    (`Task.check_stage_options`). The driver runs it for every stage before the run; the trainer
+    on entering each."""
+    unknown = [t for t in stage.task_options if t not in tasks]
+    if unknown:
+        raise ConfigError(f"{where}: task_options names task {unknown[0]!r}, not a task of this job")
+    for name, options in stage.task_options.items():
+        tasks[name].check_stage_options(options, where)
 
 
 def frozen_parameters(

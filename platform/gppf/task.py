@@ -182,8 +182,8 @@ class Task:
 
     def enter_stage(self, head: nn.Module, options: dict[str, Any], where: str) -> None:
         """A stage starts (gppf.stages): `options` are its `task_options` for this task (empty when
-        it has none), checked by `check_stage_options`. A task that takes options overrides both."""
-        self.check_stage_options(options, where)
+        it has none), already checked by `check_stage_options`. A task that takes options
+        overrides both."""
 
     # -- extra training data ----------------------------------------------------------------
     def extra_train_units(self, read: Callable[[list[Any]], Any]) -> list[Any]:

@@ -25,7 +25,6 @@ import torch.distributed as dist
 from gppf.allreduce import MaskedAllReduce
 from gppf.checkpoint import LoadReport, load_weights, read_weights
 from gppf.composite import attached_tasks, sampling_weights
-from gppf.config import ConfigError
 from gppf.data.stream import TaskStream, eval_batches
 from gppf.data.subsets import train_size
 from gppf.eval_group import init_eval_group
@@ -36,7 +35,7 @@ from gppf.optim import build_optimizer
 from gppf.payload import StepPayload
 from gppf.registry import build_task
 from gppf.sampler import NEEDS_SIZES, TaskSampler
-from gppf.stages import StagePlan, frozen_modules, frozen_parameters
+from gppf.stages import StagePlan, check_task_options, frozen_modules, frozen_parameters
 from gppf.task import Task
 from gppf.trunk import StepState, build_trunk
 from gppf.weight_formats import load_backbone
@@ -208,9 +207,7 @@ class Trainer:
             training, self.cfg.train.bucket_mb, self.grad_group, overlap=self.overlap
         )
         self.frozen = frozen_modules(self.model, frozen)
-        unknown = [t for t in stage.task_options if t not in self.model.heads]
-        if unknown:
-            raise ConfigError(f"{where}: task_options names task {unknown[0]!r}, not a task of this job")
+        check_task_options(stage, {t.name: t for t in self.tasks}, where)
         for task in self.tasks:
             task.enter_stage(self.model.heads[task.name], stage.task_options.get(task.name, {}), where)
         self.stage_index = index
