@@ -32,9 +32,10 @@ def _rss() -> int:
 def _one(variant: str, backbone: str, batch: int, size: int, units: int, device: str) -> dict:
     import torch
 
-    from gppf.backbone import Backbone
-    from gppf.cross_bn import CrossTaskBatchNorm2d
-    from gppf.lego import LegoConfig, LegoResNet
+    from gppf.config.job import LegoConfig
+    from gppf.dist.cross_bn import CrossTaskBatchNorm2d
+    from gppf.models.backbone import Backbone
+    from gppf.models.lego import LegoResNet
 
     torch.manual_seed(0)
     kind, _, ckpt = variant.partition("+")

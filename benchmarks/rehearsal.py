@@ -1,6 +1,6 @@
 """8-task rehearsal: the paper's eight task types, App. D.1's sampling weights, 4 SIMT workers.
 
-    python benchmarks/rehearsal.py [--steps 300] [--out docs/rehearsal]
+    python -m benchmarks.rehearsal [--steps 300] [--out docs/rehearsal]
 
 `jobs/gppf_r50.py --data-root` on tiny fake copies of the eight releases (tests/paper_layouts.py:
 the real directory layouts and annotation formats of IN-21K, COCO, LVIS, Objects365, Open
@@ -24,14 +24,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "platform")]
 
 DET = ("coco", "lvis", "objects365", "openimages")
 SEG = ("ade20k", "cocostuff", "voc")
@@ -153,8 +151,8 @@ def per_task_waits(lines: list[dict[str, Any]], tasks: list[str]) -> dict[str, d
 
 def rehearse(data_root: Path, run_dir: Path, steps: int, workers: int = 4) -> dict[str, Any]:
     """Run the rehearsal (Ray must be up, or it starts a local instance) and return its report."""
-    from gppf.cli import main
-    from gppf.config import to_dict
+    from gppf.config.base import to_dict
+    from gppf.launch.cli import main
 
     spec = importlib.util.spec_from_file_location("gppf_r50_job", ROOT / "jobs" / "gppf_r50.py")
     job = importlib.util.module_from_spec(spec)
@@ -245,7 +243,7 @@ def main_cli() -> None:
     ap.add_argument("--work-dir", default="~/gppf_runs/rehearsal", help="fake data and the run go here")
     ap.add_argument("--out", default=None, help="write rehearsal.json and rehearsal.md into this directory")
     args = ap.parse_args()
-    from gppf.runner import ensure_ray
+    from gppf.dist.ray_env import ensure_ray
     from tests.paper_layouts import make_paper_layouts
 
     work = Path(args.work_dir).expanduser()

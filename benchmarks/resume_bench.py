@@ -17,10 +17,11 @@ import time
 import ray
 
 import task_plugins  # noqa: F401
-from gppf.data.stream import StreamConfig, TaskStream, configure_data_context
-from gppf.demo_data import generate
-from gppf.registry import build_task
-from gppf.runner import ensure_ray
+from gppf.api.registry import build_task
+from gppf.config.job import StreamConfig
+from gppf.data.demo import generate
+from gppf.data.stream import TaskStream, configure_data_context
+from gppf.dist.ray_env import ensure_ray
 
 
 def first_batch(task, cfg: StreamConfig, taken: int, skip_by_counting: bool) -> tuple[float, int]:

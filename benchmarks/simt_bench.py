@@ -53,10 +53,11 @@ def _p1_rank(rank: int, world: int, backbone: str, batch: int, size: int, steps:
     import torch.distributed as dist
     from torch import nn
 
-    from gppf.backbone import Backbone, BackboneConfig
-    from gppf.job_config import JobConfig, OptimConfig, TrainConfig
-    from gppf.model import MultiTaskModel
-    from gppf.trainer import Trainer, build_tasks
+    from gppf.api.registry import build_tasks
+    from gppf.config.job import BackboneConfig, JobConfig, OptimConfig, TrainConfig
+    from gppf.engine.trainer import Trainer
+    from gppf.models.backbone import Backbone
+    from gppf.models.model import MultiTaskModel
 
     cfg = JobConfig(
         tasks={
@@ -120,8 +121,8 @@ def _p2_rank(rank: int, world: int, backbone: str, repeats: int) -> dict:
     import torch.distributed as dist
     from torch import nn
 
-    from gppf.allreduce import MaskedAllReduce, make_buckets
-    from gppf.backbone import Backbone
+    from gppf.dist.allreduce import MaskedAllReduce, make_buckets
+    from gppf.models.backbone import Backbone
 
     torch.manual_seed(0)
     model = nn.Sequential(Backbone(backbone, cross_task_bn=False))
@@ -197,7 +198,7 @@ def _p2_rank(rank: int, world: int, backbone: str, repeats: int) -> dict:
 
 
 def p1(args) -> None:
-    from gppf.local_dist import run_distributed
+    from gppf.dist.local_dist import run_distributed
 
     res = run_distributed(_p1_rank, 2, args.backbone, args.batch, args.size, args.steps, timeout=1800)
     r = {k: max(x[k] for x in res) for k in res[0]}
@@ -216,7 +217,7 @@ def p1(args) -> None:
 
 
 def p2(args) -> None:
-    from gppf.local_dist import run_distributed
+    from gppf.dist.local_dist import run_distributed
 
     res = run_distributed(_p2_rank, 2, args.backbone, args.repeats, timeout=1800)
     r = {k: max(x[k] for x in res) for k in res[0]}

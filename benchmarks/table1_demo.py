@@ -23,17 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "platform"), str(ROOT), str(ROOT / "jobs")]
+from gppf.config.base import apply_overrides, to_dict
+from gppf.config.job import JobConfig
 
-from gppf.config import apply_overrides, to_dict  # noqa: E402
-from gppf.job_config import JobConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TASKS = {"demo_cls": "top1", "demo_seg": "mIoU"}  # task -> its primary metric (the evaluator's)
 MARKER = "table1_run.json"  # in a run's directory: the config it ran and its wall time
@@ -94,7 +92,7 @@ class Table1Config:
 
 def job_config(demo_root: str, setting: Setting, seed: int, t1: Table1Config, run_dir: Path) -> JobConfig:
     """One run: the demo job of jobs/gppf_r50.py on demo_cls + demo_seg, with the setting applied."""
-    from gppf_r50 import demo_config
+    from gppf.presets.gppf_r50 import demo_config
 
     cfg = demo_config(demo_root)
     cfg.name = "table1_demo"
@@ -205,8 +203,9 @@ def parse_args(argv: list[str] | None) -> Table1Config:
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    from gppf.demo_data import generate
-    from gppf.runner import ensure_ray, fit
+    from gppf.data.demo import generate
+    from gppf.dist.ray_env import ensure_ray
+    from gppf.launch.fit import fit
 
     t1 = parse_args(argv)
     n = max(8, t1.demo_images)

@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _as_float32(batch: dict, keys: tuple[str, ...]) -> dict:
     import numpy as np
     import torch
 
-    from gppf.data.images import normalize_images
+    from gppf.io.images import normalize_images
 
     for k in keys:
         if k in batch and batch[k].dtype == np.uint8:
@@ -42,11 +38,12 @@ def main() -> None:
     import ray
 
     import task_plugins  # noqa: F401
-    from gppf.data.stream import StreamConfig, build_dataset, configure_data_context
-    from gppf.demo_data import generate
-    from gppf.registry import build_task
-    from gppf.runner import resolve
-    from jobs.gppf_r50 import demo_config
+    from gppf.api.registry import build_task
+    from gppf.config.job import StreamConfig
+    from gppf.data.demo import generate
+    from gppf.data.stream import build_dataset, configure_data_context
+    from gppf.launch.fit import resolve
+    from gppf.presets.gppf_r50 import demo_config
 
     if not Path(args.demo_root, "classification").is_dir():
         generate(args.demo_root)

@@ -14,11 +14,11 @@ backbone and the three heads:
 - *finetune*: everything but the text encoder trains at lr 2.5e-5 (AdamW, weight decay 1e-4,
   1000 warmup iterations from lr x 0.01).
 The paper's 36 epochs are 1 adapt + 35 finetune here (`stages[0].steps`, `stages[1].steps`),
-epochs of BDD100K detection turned into SIMT steps by gppf.epochs.
+epochs of BDD100K detection turned into SIMT steps by gppf.engine.epochs.
 `model.adapter` picks the design (fpn, pre, post, pre_scalar, pre_vector); `model.language.variant`
 the language adapter (lv_adapter, or the baselines naive, template, ensemble); per-task loss
 weights α are `tasks.<task>.loss_weight`. BDD100K's detection labels must first be converted to
-COCO JSON (`python -m task_plugins.bdd100k_to_coco`, see README).
+COCO JSON (`python -m gppf.tools.bdd100k_to_coco`, see docs/datasets.md).
 
 With no arguments it runs the embedded demo experiment: a backbone pre-trained on the demo
 classification task only (a deliberately mismatched initialisation) is transferred to the demo
@@ -29,86 +29,8 @@ to both transfers (not to the pretraining).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "platform"), str(Path(__file__).resolve().parent)]
-
-from gppf_r50 import demo_config as r50_demo  # noqa: E402
-
-from gppf import cli  # noqa: E402
-from gppf.backbone import BackboneConfig  # noqa: E402
-from gppf.epochs import epochs_to_steps  # noqa: E402
-from gppf.job_config import JobConfig, ModelConfig, OptimConfig, ScalingConfig, TrainConfig  # noqa: E402
-from gppf.stages import StageConfig  # noqa: E402
-
-WORLD = 8
-
-
-def epochs(n: float, tasks: dict) -> int:
-    """Steps for n epochs of BDD100K detection (69,863 images) under SIMT over the job's tasks
-    (gppf.epochs: each worker runs detection a third of the steps)."""
-    from task_plugins.bdd100k import TRAIN_IMAGES
-
-    return epochs_to_steps(n, "bdd_det", tasks, TRAIN_IMAGES, WORLD)
-
-
-def stages(adapt_steps: int, finetune_steps: int, warmup_steps: int) -> list[StageConfig]:
-    """LV-Adapter §5.1: adapt at 10x the finetune lr (2.5e-4 vs 2.5e-5), then finetune all."""
-    finetune = StageConfig(
-        "finetune", finetune_steps, schedule="stage", warmup_steps=warmup_steps, warmup_factor=0.01
-    )
-    if not adapt_steps:
-        return [finetune]
-    adapt = StageConfig(
-        "adapt", adapt_steps, freeze=["backbone.*", "heads.*"], lr_factor=10.0, schedule="stage"
-    )
-    return [adapt, finetune]
-
-
-def full_config(data_root: str) -> JobConfig:
-    from task_plugins.bdd100k import bdd100k_tasks
-
-    tasks = bdd100k_tasks(data_root)
-    epoch = epochs(1, tasks)
-    return JobConfig(
-        name="adapt_finetune_bdd100k",
-        tasks=tasks,
-        backbone=BackboneConfig(name="resnet50"),  # + backbone.init_from=<any checkpoint format>
-        model=ModelConfig(neck="fpn", neck_channels=256, adapter="fpn"),
-        optim=OptimConfig(name="adamw", lr=2.5e-5, weight_decay=1e-4, warmup_steps=0),
-        train=TrainConfig(log_every=50, checkpoint_every=epoch, eval_every=5 * epoch),
-        stages=stages(epochs(1, tasks), epochs(35, tasks), 1000),
-        scaling=ScalingConfig(num_workers=WORLD, use_gpu=True, cpus_per_worker=8, max_failures=3),
-    )
-
-
-def pretrain_config(demo_root: str) -> JobConfig:
-    """The demo's mismatched initialisation: a static ResNet-18 trained on classification only."""
-    cfg = r50_demo(demo_root)
-    cfg.name = "adapt_finetune_demo_pretrain"
-    cfg.tasks = {"demo_cls": cfg.tasks["demo_cls"]}
-    cfg.backbone = BackboneConfig(name="resnet18")
-    cfg.train = TrainConfig(steps=150, log_every=50, checkpoint_every=0, eval_at_start=False)
-    return cfg
-
-
-ADAPT_FRACTION = 1 / 6  # LV-Adapter Table 2: 6 adapt + 30 finetune epochs
-
-
-def demo_config(demo_root: str) -> JobConfig:
-    """Transfer to the demo segmentation and detection tasks; run() sets backbone.init_from and
-    splits train.steps into the stages."""
-    r50 = r50_demo(demo_root)
-    return JobConfig(
-        name="adapt_finetune_demo",
-        tasks={k: r50.tasks[k] for k in ("demo_seg", "demo_det")},
-        backbone=BackboneConfig(name="resnet18"),
-        model=ModelConfig(neck="fpn", neck_channels=64, adapter="fpn"),
-        optim=OptimConfig(name="adamw", lr=5e-4, weight_decay=1e-4, warmup_steps=0),
-        train=TrainConfig(steps=240, log_every=40, checkpoint_every=0),
-        scaling=ScalingConfig(num_workers=2, use_gpu=False, cpus_per_worker=0.5),
-    )
+from gppf.launch import cli
+from gppf.presets.adapt_finetune import ADAPT_FRACTION, demo_config, full_config, pretrain_config, stages
 
 
 def _from(start: dict[str, float], key: str) -> str:

@@ -1,11 +1,2 @@
-"""Task plugins shipped with the platform. Importing this package registers them."""
-
-from task_plugins import (  # noqa: F401
-    classification,
-    depth,
-    detection,
-    moco,
-    multihead,
-    rotation,
-    segmentation,
-)
+"""Task plugins shipped with the platform. Each registers under the `gppf.tasks` entry-point group
+(pyproject.toml) and is imported the first time a job names its type, as a third-party plugin is."""

@@ -19,8 +19,12 @@ from PIL import Image, ImageOps
 from torch import nn
 from torch.nn import functional as F
 
-from gppf import storage
-from gppf.data.images import (
+from gppf.api.registry import register_task
+from gppf.api.task import DataSource, Evaluator, FeatureInfo, Task
+from gppf.config.task import TaskConfig
+from gppf.data.stream import items_dataset
+from gppf.io import storage
+from gppf.io.images import (
     BadSampleError,
     center_crop_box,
     open_image,
@@ -29,11 +33,7 @@ from gppf.data.images import (
     to_chw,
     to_chw_uint8,
 )
-from gppf.data.stream import items_dataset
-from gppf.registry import register_task
-from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
-
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG"}
+from task_plugins.common import image_files
 
 
 @dataclass
@@ -115,9 +115,8 @@ def _list_imagefolder(root: Path, classes: list[str], task: str) -> list[dict]:
     for c in _class_names(root):
         if c not in index:
             raise FileNotFoundError(f"task {task!r}: class folder {root / c} is not in the train split")
-        for f in sorted((root / c).iterdir()):
-            if f.suffix in IMAGE_EXTS:
-                items.append({"path": str(f), "label": index[c]})
+        for f in image_files(root / c):
+            items.append({"path": str(f), "label": index[c]})
     return items
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gppf import storage
+from gppf.io import storage
 
 
 class CocoFormatError(ValueError):

@@ -26,8 +26,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from gppf.eval_group import eval_group
-from gppf.task import Evaluator
+from gppf.api.task import Evaluator
+from gppf.dist.eval_group import eval_group
 
 
 def detections_to_coco(
@@ -259,7 +259,7 @@ class CocoEvaluator(Evaluator):
             return
         # Only rank 0 receives the detections (an all-gather would copy all of them to every rank),
         # evaluates (COCOeval of a large split takes minutes), and broadcasts the numbers; the
-        # others wait on the evaluation group, under its longer timeout (gppf.eval_group).
+        # others wait on the evaluation group, under its longer timeout (gppf.dist.eval_group).
         group = eval_group()
         rank0 = dist.get_rank() == 0
         gathered: list[Any] | None = [None] * dist.get_world_size() if rank0 else None

@@ -45,12 +45,15 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from gppf.data.batches import pad_stack, rows
-from gppf.data.images import IMAGENET_MEAN, BadSampleError, open_image, sample_rng, to_chw_uint8
+from gppf.api.registry import register_task
+from gppf.api.task import DataSource, Evaluator, FeatureInfo, Task
+from gppf.config.task import TaskConfig
 from gppf.data.stream import items_dataset
-from gppf.registry import register_task
-from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
-from task_plugins.segmentation import match_size, paired_files
+from gppf.io import storage
+from gppf.io.batches import pad_stack, rows
+from gppf.io.images import IMAGENET_MEAN, BadSampleError, open_image, sample_rng, to_chw_uint8
+from task_plugins.common import paired_files, root_path
+from task_plugins.segmentation import match_size
 from task_plugins.upernet import conv_gn_relu
 
 DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit greyscale PNG
@@ -249,7 +252,7 @@ class DepthTask(Task):
     cfg: DepthConfig
 
     def _dirs(self, split: str) -> tuple[Path, Path]:
-        root = Path(self.cfg.data_root)
+        root = root_path(self.cfg.data_root)
         if split == "train":
             return root / self.cfg.train_images, root / self.cfg.train_depth
         return root / self.cfg.val_images, root / self.cfg.val_depth
@@ -264,9 +267,10 @@ class DepthTask(Task):
         """BTS's split file: "<image> <depth> <focal>" per line, relative to the split's image and
         depth roots; a line whose depth is "None" (Eigen test frames without ground truth) is
         left out, as bts_eval.py leaves it out."""
-        path = Path(self.cfg.data_root) / listing
+        path = root_path(self.cfg.data_root, listing)
         if not path.is_file():
-            raise FileNotFoundError(f"task {self.name!r}: {split} list {path} does not exist")
+            where = storage.display(path)
+            raise FileNotFoundError(f"task {self.name!r}: {split} list {where} does not exist")
         img_dir, depth_dir = self._dirs(split)
         out = []
         for n, line in enumerate(path.read_text().splitlines(), start=1):
@@ -331,7 +335,8 @@ class DepthTask(Task):
             pairs = self._pairs(split)
             if not pairs:
                 raise FileNotFoundError(f"{where} image directory {img_dir} holds no images")
-            missing = [p for p in pairs if not Path(p["depth"]).is_file()]
+            absent = set(storage.missing([p["depth"] for p in pairs]))
+            missing = [p for p in pairs if p["depth"] in absent]
             if missing:
                 raise FileNotFoundError(
                     f"task {self.name!r}: {len(missing)} {split} images have no depth PNG, e.g. "
@@ -339,7 +344,10 @@ class DepthTask(Task):
                 )
             for p in pairs:  # headers only: format, mode and size, nothing decoded
                 try:
-                    with Image.open(p["image"]) as img, Image.open(p["depth"]) as png:
+                    with (
+                        Image.open(storage.open_input(p["image"])) as img,
+                        Image.open(storage.open_input(p["depth"])) as png,
+                    ):
                         self._check_depth_png(png, p["depth"], img.size, p["image"])
                 except BadSampleError:
                     raise

@@ -10,11 +10,11 @@ Layout (relative to data_root, COCO's by default): `train_images`/, `val_images`
 annotation files. Boxes only (Objects365, Open Images): `masks: false` gives Faster R-CNN.
 
 Training batches carry fixed-size images and every instance of each: boxes, labels and masks
-are ragged columns (their count differs per image, gppf.data.batches), masks bit-packed
+are ragged columns (their count differs per image, gppf.io.batches), masks bit-packed
 (input_size² / 8 bytes per instance). No instance is ever dropped; an image with more than
 `max_instances` (1000) objects after augmentation is an error that names it.
 
-Pseudo-labels (gppf.pseudo_labels): the images and one COCO file, at the train paths of this
+Pseudo-labels (gppf.tools.pseudo_labels): the images and one COCO file, at the train paths of this
 layout, of the detections scoring >= `score` (0.5), with their masks as RLE when `masks` is on.
 """
 
@@ -34,13 +34,14 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
-from gppf import storage
-from gppf.config import ConfigError
-from gppf.data.batches import pad_stack
-from gppf.data.images import IMAGENET_MEAN, BadSampleError, open_image, sample_rng
+from gppf.api.registry import register_task
+from gppf.api.task import DataSource, Evaluator, FeatureInfo, Task
+from gppf.config.base import ConfigError
+from gppf.config.task import TaskConfig
 from gppf.data.stream import items_dataset
-from gppf.registry import register_task
-from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
+from gppf.io import storage
+from gppf.io.batches import pad_stack
+from gppf.io.images import IMAGENET_MEAN, BadSampleError, open_image, sample_rng
 from task_plugins.coco_data import CocoIndex, load_coco
 from task_plugins.coco_eval import SCORERS, CocoEvaluator, detections_to_coco
 from task_plugins.oid_eval import load_hierarchy
@@ -48,8 +49,8 @@ from task_plugins.pseudo_label_formats import coco_document, confident_annotatio
 from task_plugins.rcnn import RCNNConfig, RCNNHead, class_balanced_weights
 
 if TYPE_CHECKING:
-    from gppf.pseudo_labels import PseudoLabelConfig
-    from gppf.task import Task
+    from gppf.api.task import Task
+    from gppf.config.cpf import PseudoLabelConfig
 
 
 EVALUATIONS = ("coco", "lvis", "oid_challenge")
@@ -75,7 +76,7 @@ class DetectionConfig(TaskConfig):
     coco_eval: str = "faster_coco_eval"  # the COCOeval: faster_coco_eval (C++) or pycocotools
     # "coco": COCOeval's AP; "lvis": LVIS's federated AP with APr/APc/APf (the val file must carry
     # LVIS's keys; set head.detections_per_image: 300, LVIS's cap); "oid_challenge": the Open Images
-    # challenge's AP50 (task_plugins.oid_eval; annotations from task_plugins.openimages_to_coco)
+    # challenge's AP50 (task_plugins.oid_eval; annotations from gppf.tools.openimages_to_coco)
     evaluation: str = "coco"
     oid_hierarchy: str = ""  # oid_challenge: the class-hierarchy JSON, relative to data_root
     # > 0: evaluate with the shorter side at test_size and the longer at most test_max_size
@@ -301,7 +302,7 @@ class DetectionTask(Task):
 
     def _pack(self, images, boxes, labels, masks, batch) -> dict[str, np.ndarray]:
         """Fixed-size images and, per image, all of its instances: `boxes` [k, 4], `labels` [k]
-        and bit-packed `masks` [k, s*s/8] are ragged columns (k differs per image, gppf.data.batches),
+        and bit-packed `masks` [k, s*s/8] are ragged columns (k differs per image, gppf.io.batches),
         so no object is ever dropped (a dropped object would train as background). An image with
         more than `max_instances` objects is an error naming it."""
         s, n = self.cfg.input_size, len(images)

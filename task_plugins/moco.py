@@ -30,9 +30,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gppf.config import ConfigError
-from gppf.registry import register_task
-from gppf.task import Evaluator, FeatureInfo
+from gppf.api.heads import BindsTrunk, RoutesTask, SyncsAcrossRanks, TakesBatch
+from gppf.api.registry import register_task
+from gppf.api.task import Evaluator, FeatureInfo
+from gppf.config.base import ConfigError
 from task_plugins.ssl_data import (
     SSLConfig,
     SSLTask,
@@ -74,7 +75,7 @@ def mlp(c_in: int, hidden: int, c_out: int, conv: bool = False) -> nn.Sequential
     return nn.Sequential(layer(c_in, hidden), nn.ReLU(inplace=True), layer(hidden, c_out))
 
 
-class MoCoHead(nn.Module):
+class MoCoHead(nn.Module, TakesBatch, BindsTrunk, RoutesTask, SyncsAcrossRanks):
     """Projection MLP, momentum encoder (trunk copy + MLP copy) and the queue of negative keys."""
 
     takes_batch = True

@@ -15,7 +15,7 @@ The zeroing loss (VTD §4.3 and App. H.1: only the decoders that receive data fo
 updated). A head runs only on the samples of the batch that carry its label, and its loss is taken
 over those samples only, so an unlabelled sample contributes exactly zero to it, in value and in
 gradient. A head none of whose samples is labelled is not run at all: its parameters keep
-`.grad = None`, and the masked allreduce (gppf.allreduce) leaves them out of the optimizer step.
+`.grad = None`, and the masked allreduce (gppf.dist.allreduce) leaves them out of the optimizer step.
 Multiplying a head's per-sample loss by a 0/1 mask instead would give those parameters a
 zero-valued gradient, which SGD still steps: weight decay shrinks them and the momentum buffer keeps
 moving them, although no sample said anything about that head.
@@ -34,13 +34,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-from gppf.config import ConfigError
-from gppf.data.images import BadSampleError, open_image, sample_rng, to_chw_uint8
+from gppf.api.heads import TakesBatch
+from gppf.api.registry import build_task, register_task
+from gppf.api.task import DataSource, Evaluator, FeatureInfo, Task
+from gppf.config.base import ConfigError
+from gppf.config.task import TaskConfig
 from gppf.data.stream import items_dataset
-from gppf.registry import build_task, register_task
-from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
+from gppf.io import storage
+from gppf.io.images import BadSampleError, open_image, sample_rng, to_chw_uint8
+from gppf.io.storage import UriPath
+from task_plugins.common import paired_files, root_path
 from task_plugins.depth import DepthTask, crop_box
-from task_plugins.segmentation import paired_files
 
 HEAD_NAME = re.compile(r"[A-Za-z0-9_]+")
 # Keys of a head's entry that the multihead task owns: its data, layout and crops are shared.
@@ -70,7 +74,7 @@ class LabelKind:
 
 def _check_depth(task: DepthTask, path: str, image_path: str) -> None:
     try:
-        with Image.open(image_path) as img, Image.open(path) as png:
+        with Image.open(storage.open_input(image_path)) as img, Image.open(storage.open_input(path)) as png:
             task._check_depth_png(png, path, img.size, image_path)
     except BadSampleError:
         raise
@@ -95,7 +99,7 @@ class HeadOutput(NamedTuple):
     output: Any  # the sub-head's output for those samples
 
 
-class MultiHead(nn.Module):
+class MultiHead(nn.Module, TakesBatch):
     """One sub-head per label head, each run on the samples whose `has_<h>` flag is set. A head
     with no such sample is skipped (no output, no graph, `.grad` stays None). Without flags
     (inference on plain images) every head runs on every sample."""
@@ -189,8 +193,8 @@ class MultiHeadTask(Task):
         return build_task(f"{self.name}.heads.{head}", entry)
 
     # -- data -----------------------------------------------------------------------------
-    def _split_dir(self, split: str) -> Path:
-        return Path(self.cfg.data_root) / (self.cfg.train_dir if split == "train" else self.cfg.val_dir)
+    def _split_dir(self, split: str) -> Path | UriPath:
+        return root_path(self.cfg.data_root, self.cfg.train_dir if split == "train" else self.cfg.val_dir)
 
     def _items(self, split: str) -> list[dict[str, str]]:
         """`{"image": path, "label_<h>": path or ""}` per image ("": no label for h)."""
@@ -201,8 +205,9 @@ class MultiHeadTask(Task):
             pairs = paired_files(self.name, self.cfg.data_root, d / "images", d / h, listing, "label")
             if not items:
                 items = [{"image": p["image"]} for p in pairs]
+            absent = set(storage.missing([p["label"] for p in pairs]))  # one listing per directory
             for item, p in zip(items, pairs):
-                item[f"label_{h}"] = p["label"] if Path(p["label"]).is_file() else ""
+                item[f"label_{h}"] = "" if p["label"] in absent else p["label"]
         return items
 
     def check_data(self) -> None:

@@ -18,7 +18,7 @@ TensorFlow Object Detection API's `OpenImagesChallengeEvaluator` computes it (GP
 - **AP** per class over all images (precision envelope, all recall points), averaged over the
   classes with ground truth (a class without any has no AP, NaN, and is left out).
 
-The ground truth comes from `task_plugins.openimages_to_coco` (categories with their Open Images
+The ground truth comes from `gppf.tools.openimages_to_coco` (categories with their Open Images
 `label_name`, images with `pos_category_ids` / `neg_category_ids` of their verified image-level
 labels, group-of boxes as `iscrowd`); the hierarchy from the challenge's JSON
 (`challenge-2019-label500-hierarchy.json`), named by `tasks.<t>.oid_hierarchy`.
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from gppf import storage
+from gppf.io import storage
 
 IOU = 0.5
 ROOT = "/m/0bl9f"  # "Entity", the hierarchy's root: never a label
@@ -154,7 +154,7 @@ def oid_challenge_ap(
     if missing:
         raise ValueError(
             f"oid_challenge: category {missing[0]} has no 'label_name' (its Open Images MID); "
-            "convert the annotations with task_plugins.openimages_to_coco"
+            "convert the annotations with gppf.tools.openimages_to_coco"
         )
     by_label = {c["label_name"]: cid for cid, c in cats.items()}
     up = ancestors(hierarchy)

@@ -26,8 +26,9 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from gppf.data.batches import rows
-from gppf.task import FeatureInfo
+from gppf.api.heads import TakesBatch
+from gppf.api.task import FeatureInfo
+from gppf.io.batches import rows
 from task_plugins.cascade import CascadeRoIHeads, CascadeStage, stage_box_weights
 
 
@@ -99,7 +100,7 @@ def unpack_masks(packed: torch.Tensor, size: int) -> torch.Tensor:
     return bits.reshape(*packed.shape[:-1], size, size)
 
 
-class RCNNHead(nn.Module):
+class RCNNHead(nn.Module, TakesBatch):
     """FPN + RPN + RoI heads. Training: `forward(feats, batch)` returns the loss dict; evaluation:
     one dict per image with boxes (input pixels), labels (0-based), scores and masks (28x28 probs)."""
 
@@ -107,7 +108,7 @@ class RCNNHead(nn.Module):
 
     def __init__(self, features: list[FeatureInfo], num_classes: int, masks: bool, cfg: RCNNConfig):
         super().__init__()
-        # On a shared neck's pyramid (gppf.neck) the head adds only the extra max-pooled level.
+        # On a shared neck's pyramid (gppf.models.neck) the head adds only the extra max-pooled level.
         self.fpn: nn.Module | None = None
         if all(f.pyramid for f in features):
             c = features[0].channels

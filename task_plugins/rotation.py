@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gppf.data.images import sample_rng
-from gppf.registry import register_task
-from gppf.task import Evaluator, FeatureInfo
+from gppf.api.registry import register_task
+from gppf.api.task import Evaluator, FeatureInfo
+from gppf.io.images import sample_rng
 from task_plugins.ssl_data import (
     SSLConfig,
     SSLTask,

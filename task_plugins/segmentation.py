@@ -14,10 +14,10 @@ a flip, MMSeg's photometric distortion, padding to the crop size (label: ignore)
 MMSeg's cross-entropy, averaged over every pixel of the crop (`avg_non_ignore` false, MMSeg's
 default). Evaluation: each image at its keep-ratio test size (`scale`), whole or sliding-window
 (`eval_mode`), logits resized back to the label's original size, and mIoU accumulated there.
-Evaluation batches are ragged (each image and label its own size, gppf.data.batches) and are
+Evaluation batches are ragged (each image and label its own size, gppf.io.batches) and are
 padded on the device.
 
-Pseudo-labels (gppf.pseudo_labels) are written in this layout at the images' original size: the
+Pseudo-labels (gppf.tools.pseudo_labels) are written in this layout at the images' original size: the
 teacher's class where its softmax is >= `confidence` (0.3), ignore_index elsewhere, in raw ids.
 """
 
@@ -32,21 +32,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gppf import storage
-from gppf.data.batches import pad_stack, rows
-from gppf.data.images import IMAGENET_MEAN, BadSampleError, open_image, sample_rng, to_chw_uint8
+from gppf.api.registry import register_task
+from gppf.api.task import DataSource, Evaluator, FeatureInfo, Task
+from gppf.config.task import TaskConfig
 from gppf.data.stream import items_dataset
-from gppf.registry import register_task
-from gppf.task import DataSource, Evaluator, FeatureInfo, Task, TaskConfig
+from gppf.io import storage
+from gppf.io.batches import pad_stack, rows
+from gppf.io.images import IMAGENET_MEAN, BadSampleError, open_image, sample_rng, to_chw_uint8
 from task_plugins import seg_transforms as T
+from task_plugins.common import paired_files
 from task_plugins.pseudo_label_formats import confident_labels, label_image, link_image, raw_label_ids
 from task_plugins.upernet import UperNetWithAux
 
 if TYPE_CHECKING:
-    from gppf.pseudo_labels import PseudoLabelConfig
-    from gppf.storage import UriPath
+    from gppf.config.cpf import PseudoLabelConfig
+    from gppf.io.storage import UriPath
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
 EVAL_MODES = ("whole", "slide")
 PAD_COLOUR = np.round(IMAGENET_MEAN * 255).astype(np.uint8)  # normalises to ~0
 
@@ -87,32 +88,6 @@ def match_size(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if logits.shape[-2:] == mask.shape[-2:]:
         return logits
     return F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
-
-
-def paired_files(
-    task: str, data_root: str, img_dir: Path | UriPath, other_dir: Path | UriPath, listing: str, key: str
-) -> list[dict]:
-    """One split's items `{"image": <image>, key: other_dir/<stem>.png}`: every image of `img_dir`,
-    or the stems a list file names (`listing`, relative to `data_root`; VOC's lists hold one stem
-    per line, SBD-style lists "image label" path pairs). Segmentation labels and depth maps alike."""
-    if not img_dir.is_dir():
-        return []
-    if not listing:
-        images = [f for f in sorted(img_dir.iterdir()) if f.suffix in IMAGE_EXTS]
-    else:
-        path = storage.path(data_root) / listing
-        if not path.is_file():
-            raise FileNotFoundError(f"task {task!r}: image list {path} does not exist")
-        stems = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
-        images = []
-        for stem in stems:
-            found = [img_dir / f"{stem}{ext}" for ext in IMAGE_EXTS if (img_dir / f"{stem}{ext}").is_file()]
-            if not found:
-                raise FileNotFoundError(
-                    f"task {task!r}: {listing} names {stem!r}, but {img_dir} has no such image"
-                )
-            images.append(found[0])
-    return [{"image": str(f), key: str(other_dir / f"{f.stem}.png")} for f in images]
 
 
 def original_logits(

@@ -14,18 +14,19 @@ resumed run sees the same views.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from gppf.data.images import open_image, sample_rng, to_chw_uint8
+from gppf.api.task import DataSource, Evaluator, Task
+from gppf.config.task import TaskConfig
 from gppf.data.stream import items_dataset
-from gppf.task import DataSource, Evaluator, Task, TaskConfig
-
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+from gppf.io import storage
+from gppf.io.images import open_image, sample_rng, to_chw_uint8
+from task_plugins.common import image_files as list_images
+from task_plugins.common import root_path
 
 
 @dataclass
@@ -43,10 +44,10 @@ def image_files(task: str, root: str, dirs: list[str]) -> list[str]:
     """Every image under root/<dir> for each dir, sorted; a missing dir is an error naming it."""
     out: list[str] = []
     for d in dirs:
-        base = Path(root) / d
+        base = root_path(root, d) if d else root_path(root)
         if not base.is_dir():
-            raise FileNotFoundError(f"task {task!r}: image directory {base} does not exist")
-        out += sorted(str(p) for p in base.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+            raise FileNotFoundError(f"task {task!r}: image directory {storage.display(base)} does not exist")
+        out += [str(p) for p in list_images(base, recursive=True)]
     return out
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gppf.task import FeatureInfo
+from gppf.api.task import FeatureInfo
 from task_plugins.rcnn import group_norm
 
 
@@ -43,7 +43,7 @@ class UperNetHead(nn.Module):
         self.ppm = nn.ModuleList(conv_gn_relu(last, channels, 1) for _ in pool_scales)
         self.ppm_bottleneck = conv_gn_relu(last + len(pool_scales) * channels, channels, 3)
         self.lateral = nn.ModuleList(conv_gn_relu(f.channels, channels, 1) for f in features[:-1])
-        # On a shared neck's pyramid (gppf.neck) the neck's FPN replaces UperNet's top-down path:
+        # On a shared neck's pyramid (gppf.models.neck) the neck's FPN replaces UperNet's top-down path:
         # the laterals only set the width, the pyramid pooling and the fusion remain.
         self.own_fpn = not all(f.pyramid for f in features)
         if self.own_fpn:

@@ -18,7 +18,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     """Small demo datasets, generated once per test session."""
-    from gppf.demo_data import generate
+    from gppf.data.demo import generate
 
     return generate(tmp_path_factory.mktemp("demo"), n_train=48, n_val=16, seed=0)
 
@@ -30,7 +30,7 @@ def ray_session():
 
     if not ray.is_initialized():
         # address="local": a new instance even if a `ray start` cluster runs on this machine
-        from gppf.runner import local_system_config
+        from gppf.dist.ray_env import local_system_config
 
         ray.init(
             address="local",
@@ -52,7 +52,7 @@ def staged_run(demo_root, ray_session, tmp_path_factory):
 
     import ray.train
 
-    from gppf.runner import fit
+    from gppf.launch.fit import fit
     from tests.staged_job import staged_config
 
     runs = tmp_path_factory.mktemp("staged")

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gppf.demo_data import classification_image, detection_image
-from task_plugins.openimages_to_coco import main as openimages_to_coco
+from gppf.data.demo import classification_image, detection_image
+from gppf.tools.openimages_to_coco import main as openimages_to_coco
 
 
 def _seg_pair(rng: np.random.Generator, values: np.ndarray) -> tuple[Image.Image, Image.Image]:

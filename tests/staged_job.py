@@ -6,11 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gppf.backbone import BackboneConfig
-from gppf.data.stream import StreamConfig
-from gppf.job_config import JobConfig, OptimConfig, ScalingConfig, TrainConfig
-from gppf.lego import LegoConfig
-from gppf.stages import StageConfig
+from gppf.config.job import (
+    BackboneConfig,
+    JobConfig,
+    LegoConfig,
+    OptimConfig,
+    ScalingConfig,
+    StageConfig,
+    StreamConfig,
+    TrainConfig,
+)
 from tests.tasks_for_tests import task_entries
 
 STAGES = [("cls", 4), ("joint", 6), ("heads", 4)]  # steps 1-4, 5-10, 11-14

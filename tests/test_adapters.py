@@ -7,15 +7,21 @@ import socket
 import pytest
 import torch
 
-from gppf.backbone import BackboneConfig
-from gppf.config import ConfigError, apply_overrides
-from gppf.hooks import StageHook
-from gppf.job_config import JobConfig, ModelConfig, OptimConfig, TrainConfig
-from gppf.language import VARIANTS, LanguageConfig
-from gppf.local_dist import run_distributed
-from gppf.neck import ADAPTERS
-from gppf.stages import StageConfig
-from gppf.trainer import Trainer
+from gppf.config.base import ConfigError, apply_overrides
+from gppf.config.job import (
+    ADAPTERS,
+    VARIANTS,
+    BackboneConfig,
+    JobConfig,
+    LanguageConfig,
+    ModelConfig,
+    OptimConfig,
+    StageConfig,
+    TrainConfig,
+)
+from gppf.dist.local_dist import run_distributed
+from gppf.engine.hooks import StageHook
+from gppf.engine.trainer import Trainer
 from tests.test_trainer import FixedStream
 
 NAMES = {"a": ["car", "bus", "person"], "s": ["road", "sidewalk", "sky"]}
@@ -170,8 +176,8 @@ def no_network(monkeypatch):
 
 
 def test_lv_adapter_offline_packaged_encoder_prompts_and_p5(no_network):
-    from gppf.language import LanguageAdapter
-    from gppf.text_encoders import MiniLMEncoder
+    from gppf.models.language import LanguageAdapter
+    from gppf.models.text_encoders import MiniLMEncoder
 
     torch.manual_seed(0)
     lv = LanguageAdapter(LanguageConfig(variant="lv_adapter"), NAMES, channels=32)
@@ -196,7 +202,7 @@ def test_lv_adapter_offline_packaged_encoder_prompts_and_p5(no_network):
 
 
 def test_fixed_prompts_match_the_encoder_on_the_template():
-    from gppf.language import LanguageAdapter
+    from gppf.models.language import LanguageAdapter
 
     lv = LanguageAdapter(LanguageConfig(variant="template"), {"a": ["car", "bus"]}, channels=32)
     ids, mask = lv.encoder.tokenize(["there is a car in the scene.", "there is a bus in the scene."])
@@ -209,7 +215,7 @@ def test_fixed_prompts_match_the_encoder_on_the_template():
 
 
 def test_heads_with_their_own_fpn_read_the_neck_pyramid_instead():
-    from gppf.task import FeatureInfo
+    from gppf.api.task import FeatureInfo
     from task_plugins.rcnn import RCNNConfig, RCNNHead
     from task_plugins.upernet import UperNetHead
 
@@ -233,7 +239,7 @@ def test_heads_with_their_own_fpn_read_the_neck_pyramid_instead():
 
 def test_open_clip_text_tower_from_a_local_file_matches_open_clip(tmp_path, no_network):
     open_clip = pytest.importorskip("open_clip")  # a dev dependency: installed in CI
-    from gppf.text_encoders import build_text_encoder
+    from gppf.models.text_encoders import build_text_encoder
 
     torch.manual_seed(0)
     model = open_clip.create_model("RN50").eval()  # random weights, written where a user's would be

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from gppf.backbone import BackboneConfig
-from gppf.config import ConfigError
-from gppf.job_config import JobConfig, OptimConfig, TrainConfig
-from gppf.trainer import Trainer
+from gppf.config.base import ConfigError
+from gppf.config.job import BackboneConfig, JobConfig, OptimConfig, TrainConfig
+from gppf.engine.trainer import Trainer
 from tests.test_trainer import FixedStream
 
 SIZE = 32
@@ -198,7 +197,7 @@ def test_composite_step_runs_target_and_auxiliary_in_one_forward(demo_root):
 def test_auxiliary_augmentation_touches_only_its_own_input(demo_root):
     """The auxiliary views are blurred / jittered / rotated crops; the target task's `pre` of the
     same file is what it is without any auxiliary task."""
-    from gppf.registry import build_task
+    from gppf.api.registry import build_task
 
     tasks = aux_tasks(demo_root)
     seg = build_task("seg", tasks["seg"])
@@ -232,10 +231,9 @@ def test_auxiliary_tasks_train_on_two_ranks_and_stay_out_of_the_export(demo_root
 
     import timm
 
-    from gppf.data.stream import StreamConfig
-    from gppf.export import main as export_main
-    from gppf.job_config import ScalingConfig
-    from gppf.runner import fit
+    from gppf.config.job import ScalingConfig, StreamConfig
+    from gppf.launch.fit import fit
+    from gppf.tools.export import main as export_main
 
     tasks = aux_tasks(demo_root)
     tasks["rot_attached"] = {**tasks["rot"], "composite_with": "seg"}
@@ -258,7 +256,7 @@ def test_auxiliary_tasks_train_on_two_ranks_and_stay_out_of_the_export(demo_root
     export_main([result["checkpoint"], "-o", str(out)])
     exported = torch.load(out)
     timm.create_model("resnet10t", num_classes=0).load_state_dict(exported, strict=True)
-    from gppf.checkpoint import load_checkpoint
+    from gppf.io.checkpoint import load_checkpoint
 
     state = load_checkpoint(result["checkpoint"])["model"]
     assert any(k.startswith("heads.moco.key_trunk.") for k in state)  # saved for exact resume...

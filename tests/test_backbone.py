@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from gppf.backbone import Backbone
-from gppf.cross_bn import CrossTaskBatchNorm2d
+from gppf.dist.cross_bn import CrossTaskBatchNorm2d
+from gppf.models.backbone import Backbone
 
 
 def _grads(m: Backbone, x: torch.Tensor):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import task_plugins  # noqa: F401
-from gppf.registry import build_task
+from gppf.api.registry import build_task
 from task_plugins.coco_data import CocoFormatError, load_coco
 
 
@@ -171,7 +171,7 @@ def test_training_split_index_keeps_no_second_copy_for_evaluation(demo_root):
 def test_openimages_bad_coordinate_names_csv_line(tmp_path):
     from PIL import Image
 
-    from task_plugins.openimages_to_coco import convert
+    from gppf.tools.openimages_to_coco import convert
 
     (tmp_path / "img").mkdir()
     Image.new("RGB", (20, 10)).save(tmp_path / "img" / "00aa.jpg")

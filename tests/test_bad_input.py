@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 import task_plugins  # noqa: F401
-from gppf.data.images import BadSampleError
-from gppf.job_config import JobConfig
-from gppf.registry import build_task
-from gppf.runner import resolve
+from gppf.api.registry import build_task
+from gppf.config.job import JobConfig
+from gppf.io.images import BadSampleError
+from gppf.launch.fit import resolve
 from tests.tasks_for_tests import task_entries
 
 
@@ -52,7 +52,8 @@ def test_corrupt_image_is_named(demo_root, tmp_path):
 
 
 def test_corrupt_image_surfaces_through_the_ray_stream(demo_root, tmp_path, ray_session):
-    from gppf.data.stream import StreamConfig, TaskStream
+    from gppf.config.job import StreamConfig
+    from gppf.data.stream import TaskStream
 
     root = tmp_path / "d"
     shutil.copytree(demo_root / "classification", root / "classification")
@@ -115,9 +116,8 @@ def test_missing_label_file_is_named(demo_root, tmp_path):
 
 
 def test_nan_loss_names_task_and_step(demo_root, ray_session):
-    from gppf.backbone import BackboneConfig
-    from gppf.data.stream import StreamConfig
-    from gppf.trainer import NonFiniteLossError, Trainer
+    from gppf.config.job import BackboneConfig, StreamConfig
+    from gppf.engine.trainer import NonFiniteLossError, Trainer
 
     entries = task_entries(demo_root)
     cfg = JobConfig(
@@ -150,7 +150,7 @@ def test_val_split_class_ids_follow_the_train_split(demo_root, tmp_path):
 
 
 def test_reusing_a_run_directory_is_refused(demo_root, tmp_path):
-    from gppf.runner import fit
+    from gppf.launch.fit import fit
 
     tasks = {"cls": task_entries(demo_root)["cls_folder"]}
     cfg = JobConfig(run_dir=str(tmp_path), run_name="r1", tasks=tasks)

@@ -1,5 +1,5 @@
-"""BDD100K: a tiny fake copy in the release's layout, converted by task_plugins.bdd100k_to_coco
-(its main() and `python -m`), the three tasks of task_plugins.bdd100k checked, preprocessed and
+"""BDD100K: a tiny fake copy in the release's layout, converted by gppf.tools.bdd100k_to_coco
+(its main() and `python -m`), the three tasks of gppf.presets.bdd100k checked, preprocessed and
 trained for a few SIMT steps; converter errors name the file, the frame and the label."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 import task_plugins  # noqa: F401
-from gppf.registry import build_task
-from task_plugins.bdd100k import bdd100k_tasks
-from task_plugins.bdd100k_to_coco import CATEGORIES, convert
-from task_plugins.bdd100k_to_coco import main as bdd100k_to_coco
+from gppf.api.registry import build_task
+from gppf.presets.bdd100k import bdd100k_tasks
+from gppf.tools.bdd100k_to_coco import CATEGORIES, convert
+from gppf.tools.bdd100k_to_coco import main as bdd100k_to_coco
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (96, 54)  # BDD100K's 1280x720 aspect, shrunk
@@ -52,7 +52,7 @@ def _frame(rng: np.random.Generator, stem: str, k: int) -> tuple[Image.Image, di
 
 
 def make_bdd100k_layout(root: Path, seed: int = 0) -> Path:
-    """root/bdd100k as the release's archives unpack (see task_plugins.bdd100k)."""
+    """root/bdd100k as the release's archives unpack (see gppf.presets.bdd100k)."""
     rng = np.random.default_rng(seed)
     bdd = root / "bdd100k"
     for split, n in (("train", 4), ("val", 2)):
@@ -94,7 +94,7 @@ def make_bdd100k_layout(root: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def bdd_root(tmp_path_factory) -> Path:
     """The fake layout with both COCO files made: train by main() reading sizes from the images,
-    val by `python -m task_plugins.bdd100k_to_coco` told the size."""
+    val by `python -m gppf.tools.bdd100k_to_coco` told the size."""
     root = make_bdd100k_layout(tmp_path_factory.mktemp("bdd"))
     bdd = root / "bdd100k"
     bdd100k_to_coco(
@@ -108,7 +108,7 @@ def bdd_root(tmp_path_factory) -> Path:
         ]
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), str(REPO)])}
-    cmd = [sys.executable, "-m", "task_plugins.bdd100k_to_coco", "--labels", "labels/det_20/det_val.json"]
+    cmd = [sys.executable, "-m", "gppf.tools.bdd100k_to_coco", "--labels", "labels/det_20/det_val.json"]
     cmd += ["--out", "annotations/bdd100k_det_val.json", "--image-size", f"{SIZE[0]}x{SIZE[1]}"]
     done = subprocess.run(cmd, cwd=bdd, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -174,8 +174,8 @@ def test_adapt_finetune_job_on_the_three_tasks(bdd_root, ray_session, tmp_path):
     stages, the shared neck with a pre_vector adapter and the LV-Adapter, 2 workers."""
     import importlib.util
 
-    from gppf.config import apply_overrides
-    from gppf.runner import fit
+    from gppf.config.base import apply_overrides
+    from gppf.launch.fit import fit
 
     spec = importlib.util.spec_from_file_location(
         "adapt_finetune_job", Path(__file__).resolve().parents[1] / "jobs" / "adapt_finetune.py"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gppf.task import FeatureInfo
+from gppf.api.task import FeatureInfo
 from task_plugins.cascade import CascadeRoIHeads
 from task_plugins.rcnn import RCNNConfig, RCNNHead
 
@@ -136,7 +136,7 @@ def test_test_time_scores_are_the_mean_over_stages_on_the_last_stages_boxes():
 
 
 def test_gppf_swint_uses_cascade_on_its_four_detection_tasks():
-    from gppf.config import from_dict
+    from gppf.config.base import from_dict
     from task_plugins.detection import DetectionConfig
     from tests.test_jobs import load_job
 

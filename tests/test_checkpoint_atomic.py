@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from gppf.checkpoint import load_checkpoint, save_checkpoint
+from gppf.io.checkpoint import load_checkpoint, save_checkpoint
 
 
 def test_exception_during_write_keeps_previous(tmp_path, monkeypatch):
@@ -33,7 +33,7 @@ def test_exception_during_write_keeps_previous(tmp_path, monkeypatch):
 
 WRITER = """
 import sys, torch
-from gppf.checkpoint import save_checkpoint
+from gppf.io.checkpoint import save_checkpoint
 step = 0
 while True:
     step += 1

@@ -1,5 +1,5 @@
 """Linear CKA (GPPF App. A): the formula against a hand-computed value, its invariances, and
-`python -m gppf.cka` on the staged test run's checkpoints (1.0 against itself, a heat map)."""
+`python -m gppf.tools.cka` on the staged test run's checkpoints (1.0 against itself, a heat map)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from gppf.cka import cka_matrix, linear_cka
-from gppf.cka import main as cka_main
+from gppf.tools.cka import cka_matrix, linear_cka
+from gppf.tools.cka import main as cka_main
 
 
 def test_linear_cka_equals_a_hand_computed_value():
@@ -55,7 +55,7 @@ def test_cka_command_against_itself_writes_ones_and_a_heat_map(staged_run, tmp_p
 
 
 def test_cka_between_two_checkpoints_and_between_two_routes(staged_run):
-    from gppf.cka import cka
+    from gppf.tools.cka import cka
 
     result, run, _ = staged_run
     ckpt = result["checkpoint"]

@@ -1,5 +1,5 @@
 """Every `python -m gppf.*` command, run as a user runs it, on the staged test run's outputs
-(`gppf.cka` in tests/test_cka.py; the last test checks that no command is left untested)."""
+(`gppf.tools.cka` in tests/test_cka.py; the last test checks that no command is left untested)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def test_export_writes_a_route_timm_loads(staged_run, tmp_path):
     result, _, _ = staged_run
     out = tmp_path / "seg_route.pt"
-    proc = _run("gppf.export", result["checkpoint"], "--task", "seg", "-o", str(out))
+    proc = _run("gppf.tools.export", result["checkpoint"], "--task", "seg", "-o", str(out))
     assert "timm.create_model('resnet10t', num_classes=0)" in proc.stdout
     model = timm.create_model("resnet10t", pretrained=False, num_classes=0)
     model.load_state_dict(torch.load(out, weights_only=True), strict=True)
     missing = subprocess.run(
-        [sys.executable, "-m", "gppf.export", result["checkpoint"], "-o", str(tmp_path / "x.pt")],
+        [sys.executable, "-m", "gppf.tools.export", result["checkpoint"], "-o", str(tmp_path / "x.pt")],
         capture_output=True,
         text=True,
     )
@@ -39,7 +39,7 @@ def test_export_writes_a_route_timm_loads(staged_run, tmp_path):
 
 def test_evaluate_prints_the_checkpoints_metrics(staged_run):
     result, _, _ = staged_run
-    proc = _run("gppf.evaluate", result["checkpoint"], "--tasks", "cls,seg")
+    proc = _run("gppf.tools.evaluate", result["checkpoint"], "--tasks", "cls,seg")
     rows = {}
     for line in proc.stdout.splitlines():
         cells = [c.strip() for c in line.split("|")]
@@ -52,13 +52,13 @@ def test_evaluate_prints_the_checkpoints_metrics(staged_run):
 
 def test_plots_redraws_the_selection_figures(staged_run, tmp_path):
     _, run, _ = staged_run
-    proc = _run("gppf.plots", str(run), "-o", str(tmp_path))
+    proc = _run("gppf.tools.plots", str(run), "-o", str(tmp_path))
     assert {Path(p).name for p in proc.stdout.split()} == {"selection.png", "selection_history.png"}
     assert (tmp_path / "selection.png").stat().st_size > 1000
 
 
 def test_demo_data_writes_every_dataset(tmp_path):
-    _run("gppf.demo_data", str(tmp_path), "--train", "8", "--val", "4")
+    _run("gppf.data.demo", str(tmp_path), "--train", "8", "--val", "4")
     meta = json.loads((tmp_path / "demo.json").read_text())
     assert meta["n_train"] == 8 and meta["n_val"] == 4
     for sub in ("classification", "classification_parquet", "segmentation", "detection", "depth"):
@@ -70,16 +70,16 @@ def test_every_command_is_run_by_some_test():
     (`_run("gppf.<name>", ...)`, `python -m gppf.<name>`, or its `main(argv)` in process)."""
     root = Path(__file__).resolve().parents[1]
     commands = {
-        f"gppf.{p.stem}"
+        ".".join(p.relative_to(root / "platform").with_suffix("").parts)
         for p in (root / "platform" / "gppf").rglob("*.py")
         if 'if __name__ == "__main__":' in p.read_text()
     }
-    tests = "\n".join(p.read_text() for p in (root / "tests").glob("test_*.py"))
+    tests = "\n".join(p.read_text() for p in (root / "tests").glob("*.py"))  # helpers that tests run, too
     untested = sorted(
         c
         for c in commands
         if not any(
-            form in tests for form in (f'"{c}"', f"-m {c}", f"{c.split('.')[1]}.main(", f"{c} import main")
+            form in tests for form in (f'"{c}"', f"-m {c}", f"{c.rsplit('.', 1)[1]}.main(", f"{c} import main")
         )
     )
     assert commands and not untested, untested

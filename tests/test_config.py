@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 
 import task_plugins  # noqa: F401
-from gppf.config import ConfigError, apply_overrides, from_dict
-from gppf.job_config import JobConfig
-from gppf.registry import TaskRegistryError, build_task, get_task_class, register_task
-from gppf.task import Task
+from gppf.api.registry import TaskRegistryError, build_task, get_task_class, register_task
+from gppf.api.task import Task
+from gppf.config.base import ConfigError, apply_overrides, from_dict
+from gppf.config.job import JobConfig
 
 
 def test_unknown_key_is_named():
@@ -58,7 +58,7 @@ def test_entry_points_expose_bundled_plugins():
 
 
 def test_from_dict_nested():
-    from gppf.job_config import OptimConfig
+    from gppf.config.job import OptimConfig
 
     assert from_dict(OptimConfig, {"lr": 1}).lr == 1.0
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gppf.checkpoint import load_checkpoint
+from gppf.io.checkpoint import load_checkpoint
 from tests.test_jobs import load_job
 
 JOB = Path(__file__).resolve().parents[1] / "jobs/cpf.py"
@@ -130,9 +130,9 @@ def test_running_again_skips_every_finished_phase(cpf_run):
 def test_pseudo_labels_cli_writes_detection_labels_the_task_reads(cpf_run, tmp_path, capsys):
     """Detection through the real path (Ray Data actor, the curriculum's head): a COCO file the
     task reads back. --score 0 keeps every detection: a 2-step teacher is not confident."""
-    from gppf import pseudo_labels
-    from gppf.runner import resolve
-    from gppf.trainer import build_tasks
+    from gppf.api.registry import build_tasks
+    from gppf.launch.fit import resolve
+    from gppf.tools import pseudo_labels
 
     mod, argv, _, _, directory = cpf_run
     images = tmp_path / "images"

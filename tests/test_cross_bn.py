@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from gppf.cross_bn import CrossTaskBatchNorm2d
-from gppf.local_dist import run_distributed
+from gppf.dist.cross_bn import CrossTaskBatchNorm2d
+from gppf.dist.local_dist import run_distributed
 
 C = 5
 # Different batch sizes, different spatial sizes, and one empty batch.

@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 import task_plugins  # noqa: F401
-from gppf.job_config import JobConfig
-from gppf.runner import resolve
+from gppf.config.job import JobConfig
+from gppf.launch.fit import resolve
 from task_plugins.classification import ClassificationTask
 from tests.tasks_for_tests import task_entries
 
@@ -50,7 +50,7 @@ def test_check_is_cached_per_files_and_data_config(demo_root, tmp_path, counted)
 
 
 def test_cache_survives_the_process_but_not_a_broken_dataset(demo_root, tmp_path, counted):
-    from gppf import data_check
+    from gppf.data import check as data_check
 
     root = tmp_path / "data"
     shutil.copytree(demo_root / "classification", root)

@@ -12,12 +12,10 @@ import torch
 from PIL import Image
 
 import task_plugins  # noqa: F401
-from gppf.backbone import BackboneConfig
-from gppf.data.images import BadSampleError
-from gppf.data.stream import StreamConfig
-from gppf.job_config import JobConfig, OptimConfig, ScalingConfig, TrainConfig
-from gppf.registry import build_task
-from gppf.runner import fit
+from gppf.api.registry import build_task
+from gppf.config.job import BackboneConfig, JobConfig, OptimConfig, ScalingConfig, StreamConfig, TrainConfig
+from gppf.io.images import BadSampleError
+from gppf.launch.fit import fit
 from task_plugins.depth import METRICS, DepthEvaluator, silog_loss
 from tests.tasks_for_tests import task_entries
 

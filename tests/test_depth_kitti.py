@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from gppf.data.batches import collate_numpy
-from gppf.registry import build_task
+from gppf.api.registry import build_task
+from gppf.io.batches import collate_numpy
 from task_plugins.depth import eval_crop_mask
 
 FRAMES = {"0000000005": (60, 200), "0000000010": (58, 190)}  # (h, w): non-square, different

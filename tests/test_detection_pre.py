@@ -6,9 +6,9 @@ import numpy as np
 import torch
 
 import task_plugins  # noqa: F401
-from gppf.cross_bn import CrossTaskBatchNorm2d
-from gppf.data.images import normalize_images
-from gppf.registry import build_task
+from gppf.api.registry import build_task
+from gppf.dist.cross_bn import CrossTaskBatchNorm2d
+from gppf.io.images import normalize_images
 from task_plugins.detection import copy_paste
 from task_plugins.rcnn import unpack_masks
 from tests.tasks_for_tests import task_entries
@@ -78,8 +78,8 @@ def test_packed_masks_round_trip():
 
 
 def test_heads_never_use_cross_task_bn(demo_root):
-    from gppf.backbone import Backbone
-    from gppf.model import MultiTaskModel
+    from gppf.models.backbone import Backbone
+    from gppf.models.model import MultiTaskModel
 
     tasks = [build_task(n, e) for n, e in task_entries(demo_root).items()]
     model = MultiTaskModel(Backbone("resnet10t"), tasks)
@@ -95,8 +95,8 @@ def test_heads_never_use_cross_task_bn(demo_root):
 def test_boxes_are_decoded_in_float32_under_bf16_autocast(demo_root):
     """Under bf16 autocast (the GPU default) box offsets come out of the convs in bf16, which has
     4-pixel steps between 512 and 1024 px; proposals and detections must still be float32."""
-    from gppf.backbone import Backbone
-    from gppf.model import MultiTaskModel
+    from gppf.models.backbone import Backbone
+    from gppf.models.model import MultiTaskModel
 
     task = build_task("det", task_entries(demo_root)["det"])
     model = MultiTaskModel(Backbone("resnet10t"), [task]).eval()
@@ -180,8 +180,8 @@ def test_a_dense_image_keeps_every_object_and_an_image_over_the_limit_is_named(t
     image over tasks.<t>.max_instances is an error naming it."""
     import pytest
 
-    from gppf.data.batches import collate_numpy
-    from gppf.data.images import BadSampleError
+    from gppf.io.batches import collate_numpy
+    from gppf.io.images import BadSampleError
 
     _dense_layout(tmp_path, 180)
     entry = {
@@ -198,9 +198,9 @@ def test_a_dense_image_keeps_every_object_and_an_image_over_the_limit_is_named(t
     out = task.preprocess(raw, train=True, seed=0)
     assert out["labels"][0].shape == (180,) and out["boxes"][0].shape == (180, 4)
     assert sorted(np.bincount(out["labels"][0]).tolist()) == [90, 90]
-    targets = task.build_head([__import__("gppf.task", fromlist=["FeatureInfo"]).FeatureInfo(8, 4)]).targets(
-        collate_numpy(out)
-    )
+    from gppf.api.task import FeatureInfo
+
+    targets = task.build_head([FeatureInfo(8, 4)]).targets(collate_numpy(out))
     assert len(targets[0]["boxes"]) == 180 and targets[0]["masks"].shape == (180, 128, 128)
     assert (targets[0]["masks"].flatten(1).sum(1) == 36).all()
 
@@ -211,9 +211,9 @@ def test_a_dense_image_keeps_every_object_and_an_image_over_the_limit_is_named(t
 
 def test_evaluation_at_a_test_size_keeps_each_images_aspect(demo_root):
     """test_size (UODB: 800): shorter side to it, longer at most test_max_size; the batch pads."""
-    from gppf.backbone import Backbone
-    from gppf.data.batches import collate_numpy
-    from gppf.model import MultiTaskModel
+    from gppf.io.batches import collate_numpy
+    from gppf.models.backbone import Backbone
+    from gppf.models.model import MultiTaskModel
 
     task = build_task("det", {**task_entries(demo_root)["det"], "test_size": 80, "test_max_size": 100})
     units = task.source("val").units[:3]

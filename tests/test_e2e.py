@@ -7,13 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from gppf.backbone import BackboneConfig
-from gppf.checkpoint import load_checkpoint
-from gppf.data.stream import StreamConfig
-from gppf.job_config import JobConfig, OptimConfig, ScalingConfig, TrainConfig
-from gppf.mt_metrics import MultiTaskMetricsConfig
-from gppf.runner import fit, results_table
-from gppf.sampler import sample_task
+from gppf.config.job import (
+    BackboneConfig,
+    JobConfig,
+    MultiTaskMetricsConfig,
+    OptimConfig,
+    ScalingConfig,
+    StreamConfig,
+    TrainConfig,
+)
+from gppf.engine.sampler import sample_task
+from gppf.io.checkpoint import load_checkpoint
+from gppf.launch.fit import fit
+from gppf.tools.tables import results_table
 from tests.tasks_for_tests import task_entries
 
 

@@ -1,4 +1,4 @@
-"""Epochs to steps under SIMT (gppf.epochs), against hand-computed figures."""
+"""Epochs to steps under SIMT (gppf.engine.epochs), against hand-computed figures."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from gppf.config import ConfigError
-from gppf.epochs import epochs_to_steps, task_shares
+from gppf.config.base import ConfigError
+from gppf.engine.epochs import epochs_to_steps, task_shares
 
 TASKS = {
     "a": {"type": "classification", "sampling_weight": 4.0, "batch_size": 96},
@@ -61,22 +61,18 @@ def test_errors_name_the_task():
 
 def test_jobs_that_state_epochs_count_them_with_the_helper(tmp_path):
     """LV-Adapter's 1 + 35, VTD's 12 / 12 / 6, GPPF's LVIS stage and IN-1K's 300 epochs, by hand."""
-    from pathlib import Path
+    from gppf.presets import adapt_finetune, cpf, gppf_r50
 
-    from tests.test_jobs import load_job
-
-    jobs = Path(__file__).resolve().parents[1] / "jobs"
     det = 69_863  # BDD100K detection's training images
     # adapt_finetune: 8 workers over 3 tasks of batch 8 read 8 x 1/3 x 8 detection images a step
-    adapt = load_job(jobs / "adapt_finetune.py").full_config(str(tmp_path))
+    adapt = adapt_finetune.full_config(str(tmp_path))
     assert [s.steps for s in adapt.stages] == [math.ceil(det / (64 / 3)), math.ceil(35 * det / (64 / 3))]
     # cpf: joint over 3 tasks, curriculum over det + seg, decoder finetuning on detection alone
-    cpf = load_job(jobs / "cpf.py")
     job, proto = cpf.full_config(str(tmp_path)), cpf.full_protocol(str(tmp_path))
     assert job.train.steps == math.ceil(12 * det / (64 / 3))
     assert proto.curriculum.steps == math.ceil(12 * det / 32)
     assert proto.decoder_finetune.steps == math.ceil(6 * det / 64)
     # gppf_r50: LVIS's second stage, 12 epochs of its 100,170 images on all 56 workers at batch 8
-    r50 = load_job(jobs / "gppf_r50.py")
+    r50 = gppf_r50
     tasks = r50.full_config(str(tmp_path)).tasks
     assert r50.lvis_second_stage_steps(tasks, 56) == math.ceil(12 * 100_170 / 448)

@@ -12,11 +12,16 @@ import threading
 import time
 from pathlib import Path
 
-from gppf.backbone import BackboneConfig
-from gppf.data.stream import StreamConfig
-from gppf.job_config import JobConfig, OptimConfig, ScalingConfig, TrainConfig
-from gppf.lego import LegoConfig
-from gppf.runner import fit
+from gppf.config.job import (
+    BackboneConfig,
+    JobConfig,
+    LegoConfig,
+    OptimConfig,
+    ScalingConfig,
+    StreamConfig,
+    TrainConfig,
+)
+from gppf.launch.fit import fit
 from tests.tasks_for_tests import task_entries
 from tests.test_local_cluster import committed_steps
 

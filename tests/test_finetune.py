@@ -11,13 +11,19 @@ import pytest
 import timm
 import torch
 
-from gppf.backbone import BackboneConfig
-from gppf.config import ConfigError
-from gppf.data.stream import StreamConfig
-from gppf.export import load_trunk
-from gppf.finetune import prepare
-from gppf.job_config import FinetuneConfig, JobConfig, OptimConfig, ScalingConfig, TrainConfig
-from gppf.runner import fit
+from gppf.config.base import ConfigError
+from gppf.config.job import (
+    BackboneConfig,
+    FinetuneConfig,
+    JobConfig,
+    OptimConfig,
+    ScalingConfig,
+    StreamConfig,
+    TrainConfig,
+)
+from gppf.launch.finetune_config import prepare
+from gppf.launch.fit import fit
+from gppf.tools.export import load_trunk
 from tests.tasks_for_tests import task_entries
 
 
@@ -87,8 +93,8 @@ def test_bad_finetune_settings_are_named(staged_run, demo_root, tmp_path):
 def test_head_from_another_task_loads_everything_but_the_predictor(staged_run, demo_root, tmp_path):
     """GPPF Table 5: UODB's detection heads start from Objects365's, "but we do not load the final
     prediction layer". Here a new detection task starts from the staged checkpoint's det head."""
-    from gppf.checkpoint import load_checkpoint, load_weights
-    from gppf.trainer import Trainer
+    from gppf.engine.trainer import Trainer
+    from gppf.io.checkpoint import load_checkpoint, load_weights
 
     result, _, _ = staged_run
     ckpt = result["checkpoint"]

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import task_plugins  # noqa: F401
-from gppf.data.stream import StreamConfig, TaskStream, configure_data_context
-from gppf.registry import build_task
+from gppf.api.registry import build_task
+from gppf.config.job import StreamConfig
+from gppf.data.stream import TaskStream, configure_data_context
 from tests.tasks_for_tests import task_entries
 
 CHUNK = 32  # rows per chunk: 4 batches of 8

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +18,7 @@ STEPS = 2
 
 
 def load_job(path: Path):
-    """As `python jobs/<job>.py` imports it: with its own directory on sys.path (jobs import each
-    other's configs)."""
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
+    """As `python jobs/<job>.py` imports it (a job file imports its configs from gppf.presets)."""
     spec = importlib.util.spec_from_file_location(f"job_{path.stem}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -52,8 +48,8 @@ def test_every_job_file_is_listed():
 
 @pytest.mark.parametrize("job", JOBS, ids=[p.stem for p in JOBS])
 def test_job_embedded_default_runs_and_prints_its_table(job, job_demo_root, ray_session, tmp_path, capsys):
-    from gppf.cli import main
-    from gppf.terminal import is_noise
+    from gppf.dist.terminal import is_noise
+    from gppf.launch.cli import main
 
     mod = load_job(job)
     sets = [
@@ -80,7 +76,7 @@ def test_job_embedded_default_runs_and_prints_its_table(job, job_demo_root, ray_
     metrics = run(argv) if run else main(mod.__doc__, mod.full_config, mod.demo_config, argv)
     captured = capsys.readouterr()
     out = captured.out
-    # A quiet terminal (gppf.terminal): none of Ray's per-dataset or per-worker-group lines.
+    # A quiet terminal (gppf.dist.terminal): none of Ray's per-dataset or per-worker-group lines.
     noise = [line for line in (out + captured.err).splitlines() if is_noise(line)]
     assert not noise, noise[:5]
     tasks = set(mod.demo_config(str(job_demo_root)).tasks)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import task_plugins  # noqa: F401
-from gppf.config import ConfigError
+from gppf.api.registry import build_task
+from gppf.config.base import ConfigError
 from gppf.data.subsets import label_subset, train_size, train_source
-from gppf.registry import build_task
 from tests.tasks_for_tests import task_entries
 
 UNITS = [f"u{i:03d}" for i in range(200)]
@@ -51,7 +51,8 @@ def test_only_the_train_split_is_subset(demo_root):
 
 @pytest.mark.timeout(120)
 def test_stream_reads_only_the_subset_and_evaluation_reads_everything(demo_root, ray_session):
-    from gppf.data.stream import StreamConfig, TaskStream, configure_data_context, eval_batches
+    from gppf.config.job import StreamConfig
+    from gppf.data.stream import TaskStream, configure_data_context, eval_batches
     from task_plugins.classification import ClassificationTask
 
     entry = {**task_entries(demo_root)["cls_folder"], "label_fraction": 0.25, "batch_size": 4}
@@ -81,9 +82,8 @@ def test_stream_reads_only_the_subset_and_evaluation_reads_everything(demo_root,
 def test_trainer_samples_by_the_subset_sizes(demo_root):
     import torch
 
-    from gppf.backbone import BackboneConfig
-    from gppf.job_config import JobConfig, TrainConfig
-    from gppf.trainer import Trainer
+    from gppf.config.job import BackboneConfig, JobConfig, TrainConfig
+    from gppf.engine.trainer import Trainer
 
     entries = task_entries(demo_root)
     cfg = JobConfig(

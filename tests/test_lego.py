@@ -6,9 +6,10 @@ import pytest
 import timm
 import torch
 
-from gppf.cross_bn import CrossTaskBatchNorm2d
-from gppf.lego import LegoConfig, LegoResNet, gumbel_tau
-from gppf.swin import LegoSwin
+from gppf.config.job import LegoConfig
+from gppf.dist.cross_bn import CrossTaskBatchNorm2d
+from gppf.models.lego import LegoResNet, gumbel_tau
+from gppf.models.swin import LegoSwin
 
 
 def _lego(mode: str, name: str = "resnet18") -> LegoResNet:
@@ -124,7 +125,7 @@ def test_a_learned_stem_has_units_trains_and_exports():
 def test_a_frozen_controller_runs_the_argmax_route_in_training():
     """A stage that freezes the lego trunk (LVIS's classifier stage) runs the route evaluation and
     export see, not Gumbel samples: the controller goes to eval mode with the frozen BNs."""
-    from gppf.stages import frozen_modules
+    from gppf.engine.stages import frozen_modules
 
     m = _lego("soft")
     frozen = frozen_modules(m, {n for n, _ in m.named_parameters()})

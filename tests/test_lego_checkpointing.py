@@ -11,10 +11,11 @@ import copy
 import pytest
 import torch
 
-from gppf.cross_bn import CrossTaskBatchNorm2d
-from gppf.lego import LegoConfig, LegoResNet
-from gppf.local_dist import run_distributed
-from gppf.trunk import StepState
+from gppf.api.trunk import StepState
+from gppf.config.job import LegoConfig
+from gppf.dist.cross_bn import CrossTaskBatchNorm2d
+from gppf.dist.local_dist import run_distributed
+from gppf.models.lego import LegoResNet
 
 TASKS = ["a", "b", "c"]  # rank r runs task r
 BATCH = [3, 2, 4]

@@ -8,9 +8,9 @@ import copy
 import torch
 from torch import nn
 
-from gppf.cross_bn import CrossTaskBatchNorm2d
-from gppf.lego import LegoLayer
-from gppf.local_dist import run_distributed
+from gppf.dist.cross_bn import CrossTaskBatchNorm2d
+from gppf.dist.local_dist import run_distributed
+from gppf.models.lego import LegoLayer
 
 ROUTES = [0, 1, 0]  # rank -> unit it runs
 BATCH = [3, 2, 4]

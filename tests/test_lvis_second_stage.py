@@ -8,12 +8,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from gppf.backbone import BackboneConfig
-from gppf.config import ConfigError
-from gppf.data.batches import collate_numpy
-from gppf.job_config import JobConfig, OptimConfig, TrainConfig
-from gppf.stages import StageConfig
-from gppf.trainer import Trainer
+from gppf.config.base import ConfigError
+from gppf.config.job import BackboneConfig, JobConfig, OptimConfig, StageConfig, TrainConfig
+from gppf.engine.trainer import Trainer
+from gppf.io.batches import collate_numpy
 from task_plugins.rcnn import class_balanced_weights
 from tests.tasks_for_tests import task_entries
 from tests.test_trainer import FixedStream
@@ -158,7 +156,7 @@ def test_cascade_second_stage_trains_each_stages_classifier_with_the_balanced_lo
 
 def test_a_late_stages_options_are_checked_before_the_run(demo_root):
     """The LVIS stage comes after 500k steps: its options are checked on the driver, up front."""
-    from gppf.runner import validate
+    from gppf.launch.fit import validate
 
     stages = [
         StageConfig("joint", 5),

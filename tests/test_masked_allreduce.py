@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gppf.allreduce import MaskedAllReduce
-from gppf.local_dist import run_distributed
+from gppf.dist.allreduce import MaskedAllReduce
+from gppf.dist.local_dist import run_distributed
 
 # rank -> task it runs this step. Head "a" is used by ranks 0 and 1, "b" by rank 2, "c" by nobody.
 TASKS = ["a", "a", "b"]

@@ -7,18 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from gppf.config import ConfigError
-from gppf.hooks import EvalHook
-from gppf.job_config import JobConfig, TrainConfig
-from gppf.metrics_log import flat_eval
-from gppf.mt_metrics import (
-    MultiTaskMetricsConfig,
-    check_tasks,
-    delta_m,
-    scale_from_sigma,
-    vtda,
-    with_multitask,
-)
+from gppf.config.base import ConfigError
+from gppf.config.job import JobConfig, MultiTaskMetricsConfig, TrainConfig
+from gppf.engine.hooks import EvalHook
+from gppf.engine.metrics_log import flat_eval
+from gppf.engine.mt_metrics import check_tasks, delta_m, scale_from_sigma, vtda, with_multitask
 
 # VTD Table 14 (App. F.2): group -> [(task/metric, printed s_t, ST baseline, VTDNet)].
 TABLE_14 = {
@@ -146,7 +139,7 @@ def test_config_errors_name_the_key(metrics, match):
 
 
 def test_unknown_task_is_an_error_when_the_job_is_resolved():
-    from gppf.runner import resolve
+    from gppf.launch.fit import resolve
 
     metrics = {"groups": {"g": ["a/top1", "seg/mIoU"]}}
     cfg = JobConfig.from_dict({"tasks": {"a": {"type": "classification"}}, "metrics": metrics})
@@ -171,7 +164,7 @@ def test_unknown_metric_at_evaluation_names_the_key_and_the_task_metrics():
 
 
 def test_eval_hook_reports_the_multitask_entry_at_every_evaluation():
-    from gppf.runner import results_table
+    from gppf.tools.tables import results_table
 
     metrics = {"groups": {"g": ["cls/top1", "seg/mIoU"]}, "baselines": {"cls/top1": 40.0}}
     cfg = JobConfig.from_dict({"metrics": metrics})
@@ -191,7 +184,7 @@ def test_eval_hook_reports_the_multitask_entry_at_every_evaluation():
         report=SimpleNamespace(metrics={}, log=False),
         evaluate=lambda max_batches: next(evals),
     )
-    hook = EvalHook()
+    hook = EvalHook.from_config(cfg.train, cfg.metrics)
     hook.before_train(t)
     assert t.initial_eval["multitask"] == {"VTDA": 15.0, "VTDA_g": 15.0, "delta_m": -50.0}
     assert t.report.metrics["eval"] is t.initial_eval

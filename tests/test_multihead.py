@@ -12,15 +12,15 @@ import torch
 from PIL import Image
 
 import task_plugins  # noqa: F401
-from gppf.allreduce import MaskedAllReduce
-from gppf.backbone import Backbone
-from gppf.config import ConfigError
-from gppf.data.images import BadSampleError
-from gppf.job_config import OptimConfig
-from gppf.model import MultiTaskModel
-from gppf.optim import build_optimizer
-from gppf.registry import build_task
-from gppf.task import FeatureInfo
+from gppf.api.registry import build_task
+from gppf.api.task import FeatureInfo
+from gppf.config.base import ConfigError
+from gppf.config.job import OptimConfig
+from gppf.dist.allreduce import MaskedAllReduce
+from gppf.engine.optim import build_optimizer
+from gppf.io.images import BadSampleError
+from gppf.models.backbone import Backbone
+from gppf.models.model import MultiTaskModel
 from task_plugins.depth import DepthEvaluator
 from task_plugins.segmentation import MIoUEvaluator
 

@@ -1,4 +1,4 @@
-"""Data roots and run_dir in object storage (gppf.storage): an S3 API served on 127.0.0.1 by moto.
+"""Data roots and run_dir in object storage (gppf.io.storage): an S3 API served on 127.0.0.1 by moto.
 
 The demo job reads its data from the bucket, writes its checkpoints and logs there, is killed
 (SIGKILL, once its first checkpoint is registered) and resumes in place from the checkpoint stored there."""
@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import pytest
 from moto.server import ThreadedMotoServer
 
-from gppf import storage
+from gppf.io import storage
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "gppf_r50.py"
 STEPS = 4
@@ -87,7 +87,7 @@ def _registered_checkpoint(run) -> bool:
 
 
 def test_demo_job_on_s3_is_killed_and_resumes_from_the_stored_checkpoint(s3, ray_session, tmp_path):
-    from gppf.cli import main
+    from gppf.launch.cli import main
     from tests.test_jobs import load_job
 
     data, runs = s3("demo"), s3("runs")
@@ -128,3 +128,45 @@ def test_demo_job_on_s3_is_killed_and_resumes_from_the_stored_checkpoint(s3, ray
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     # Both attempts' lines: the first attempt's were uploaded with its checkpoint.
     assert logged[0] == 1 and logged[-1] == STEPS and metrics["start_step"] in logged
+
+
+def test_every_bundled_plugin_checks_its_data_and_trains_a_batch_from_s3(s3, ray_session):
+    """Each bundled task type (every entry point of this distribution) on a data root in the
+    bucket: its data check, one batch from its stream, and one forward + backward of that batch."""
+    from importlib import metadata
+
+    import torch
+
+    from gppf.api.registry import ENTRY_POINT_GROUP, build_task
+    from gppf.config.job import BackboneConfig, JobConfig, StreamConfig
+    from gppf.data.demo import generate
+    from gppf.data.stream import TaskStream
+    from gppf.engine.step import forward_parts, step_rng, weighted_losses
+    from gppf.models.build import build_model
+    from tests.tasks_for_tests import task_entries
+
+    root = generate(str(s3("plugins")), n_train=8, n_val=4)
+    entries = task_entries(root)
+    points = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    bundled = {ep.name for ep in points if ep.value.startswith("task_plugins.")}
+    assert {e["type"] for e in entries.values()} == bundled
+    stream_cfg = StreamConfig(chunk_rows=8, min_rows_per_pass=8, prefetch_batches=1)
+    cpu = torch.device("cpu")
+    for name, entry in entries.items():
+        task = build_task(name, entry)
+        assert storage.is_uri(task.cfg.data_root), name
+        task.check_data()  # on the driver: listings, headers, derived values (num_classes)
+        stream = TaskStream(task, 0, 0, 1, stream_cfg)
+        try:
+            batch, _ = stream.next()
+        finally:
+            stream.close()
+        torch.manual_seed(0)
+        job = JobConfig(tasks={name: entry}, backbone=BackboneConfig(name="resnet10t"))
+        model = build_model(job, [task]).train()
+        batch = task.train_batch(task.to_device(batch, cpu), step_rng(0, 0, 0))
+        outs, tie = forward_parts(model, [task], [batch])
+        loss = weighted_losses([task], outs, [batch])[0] + tie
+        loss.backward()
+        assert torch.isfinite(loss), name
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters()), name

@@ -9,10 +9,10 @@ import json
 import pytest
 from PIL import Image
 
-from gppf.config import ConfigError
-from gppf.registry import build_task
+from gppf.api.registry import build_task
+from gppf.config.base import ConfigError
+from gppf.tools.openimages_to_coco import convert
 from task_plugins.oid_eval import ancestors, average_precision, oid_challenge_ap
-from task_plugins.openimages_to_coco import convert
 
 # Entity > Animal > {Dog, Cat}; Entity > Vehicle > Car
 HIERARCHY = {

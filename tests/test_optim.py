@@ -8,12 +8,11 @@ import pytest
 import timm
 import torch
 
-from gppf.config import ConfigError
-from gppf.job_config import OptimConfig
-from gppf.lego import LegoConfig
-from gppf.optim import build_optimizer, warmup_step
-from gppf.stages import StageConfig, StagePlan
-from gppf.swin import LegoSwin, StaticSwin
+from gppf.config.base import ConfigError
+from gppf.config.job import LegoConfig, OptimConfig, StageConfig
+from gppf.engine.optim import build_optimizer, warmup_step
+from gppf.engine.stages import StagePlan
+from gppf.models.swin import LegoSwin, StaticSwin
 
 SWIN = "swin_tiny_patch4_window7_224"
 SMALL = {"embed_dim": 24, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 3, 6], "window_size": 4}

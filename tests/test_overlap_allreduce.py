@@ -1,4 +1,4 @@
-"""The masked allreduce overlapped with backward (gppf.allreduce: start/finish) gives the same
+"""The masked allreduce overlapped with backward (gppf.dist.allreduce: start/finish) gives the same
 gradients, statistics and weights as the exchange after backward, on 3 gloo ranks that run
 different tasks through different hard lego routes with cross-task BN, and sends every bucket
 during backward (none waits for finish())."""
@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from gppf.backbone import BackboneConfig
-from gppf.job_config import JobConfig, OptimConfig, TrainConfig
-from gppf.lego import LegoConfig
-from gppf.local_dist import run_distributed
-from gppf.trainer import Trainer
+from gppf.config.job import BackboneConfig, JobConfig, LegoConfig, OptimConfig, TrainConfig
+from gppf.dist.local_dist import run_distributed
+from gppf.engine.trainer import Trainer
 from tests.test_trainer import FixedStream
 
 TASK_OF_RANK = [0, 0, 1]  # task "c" is run by nobody: its head must not be stepped

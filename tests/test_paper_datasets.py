@@ -63,7 +63,7 @@ def test_eight_task_rehearsal_on_fake_paper_layouts(tmp_path, ray_session):
 def test_missing_dataset_names_task_and_path(tmp_path):
     import shutil
 
-    from gppf.runner import resolve
+    from gppf.launch.fit import resolve
 
     root = make_paper_layouts(tmp_path / "data")
     shutil.rmtree(root / "ADEChallengeData2016")

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from gppf.plan import Line, TaskPlan, expected_max, idle_fraction, suggest_batches
+from gppf.tools.capacity import Line, TaskPlan, expected_max, idle_fraction, suggest_batches
 
 
 def test_expected_max_hand_worked():
@@ -51,7 +51,7 @@ def test_suggested_batches_even_the_times_out_within_the_memory_cap():
 
 
 def test_plan_on_the_demo_prints_every_task_and_the_simt_estimate(tmp_path, ray_session, capsys):
-    from gppf.cli import main
+    from gppf.launch.cli import main
     from tests.test_jobs import ALL_JOBS, load_job
 
     mod = load_job(next(p for p in ALL_JOBS if p.stem == "gppf_r50"))

@@ -4,8 +4,8 @@ import json
 
 import torch
 
-from gppf.checkpoint import save_checkpoint
-from gppf.plots import draw, routes_from_checkpoint
+from gppf.io.checkpoint import save_checkpoint
+from gppf.tools.plots import draw, routes_from_checkpoint
 
 
 def _routes(p: float):

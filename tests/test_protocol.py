@@ -8,18 +8,10 @@ import json
 
 import pytest
 
-from gppf.config import ConfigError
-from gppf.job_config import JobConfig, ModelConfig
-from gppf.protocol import (
-    CurriculumConfig,
-    DecoderFinetuneConfig,
-    ProtocolConfig,
-    PseudoLabelPhaseConfig,
-    apply_protocol_overrides,
-    decoder_stages,
-    fit_phase,
-    phase_config,
-)
+from gppf.config.base import ConfigError
+from gppf.config.cpf import CurriculumConfig, DecoderFinetuneConfig, ProtocolConfig, PseudoLabelPhaseConfig
+from gppf.config.job import JobConfig, ModelConfig
+from gppf.launch.cpf import apply_protocol_overrides, decoder_stages, fit_phase, phase_config
 
 
 def _job() -> JobConfig:
@@ -79,11 +71,11 @@ def test_protocol_check_and_overrides_name_the_cpf_key():
 
 
 def test_fit_phase_skips_finished_and_resumes_interrupted_runs(tmp_path, monkeypatch):
-    import gppf.runner
+    import gppf.launch.fit
 
     calls = []
     monkeypatch.setattr(
-        gppf.runner, "fit", lambda cfg, resume_from=None: calls.append(resume_from) or {"step": 1}
+        gppf.launch.fit, "fit", lambda cfg, resume_from=None: calls.append(resume_from) or {"step": 1}
     )
     cfg = phase_config(_job(), "joint", tmp_path, None)
     run = tmp_path / "joint"

@@ -1,4 +1,4 @@
-"""Pseudo-labels (gppf.pseudo_labels, task_plugins.pseudo_label_formats): fixtures with known
+"""Pseudo-labels (gppf.tools.pseudo_labels, task_plugins.pseudo_label_formats): fixtures with known
 scores keep exactly the pixels / boxes at or above the thresholds (0.3 / 0.5), and what the
 plugins write is read back by the task itself as an extra train root. No Ray, no model."""
 
@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from gppf.config.cpf import PseudoLabelConfig
+from gppf.config.job import JobConfig
 from gppf.data.stream import items_dataset
-from gppf.job_config import JobConfig
-from gppf.pseudo_labels import PseudoLabelConfig, image_files
+from gppf.tools.pseudo_labels import image_files
 from task_plugins.detection import DetectionConfig, DetectionTask
 from task_plugins.pseudo_label_formats import confident_annotations, confident_labels, raw_label_ids
 from task_plugins.segmentation import SegmentationConfig, SegmentationTask
@@ -200,7 +201,7 @@ def test_image_files_need_unique_stems(tmp_path):
 
 
 def test_resolve_refuses_a_missing_extra_root(demo_root, tmp_path):
-    from gppf.runner import resolve
+    from gppf.launch.fit import resolve
 
     entry = {"type": "segmentation", "data_root": str(demo_root / "segmentation"), "num_classes": 4}
     cfg = JobConfig(tasks={"seg": {**entry, "extra_train_roots": [str(tmp_path / "nope")]}})

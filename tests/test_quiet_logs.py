@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ray.train.v2._internal.execution import context
 
-from gppf.train_loop import _quiet_ray_train_reports
+from gppf.launch.worker import _quiet_ray_train_reports
 
 
 def test_ray_train_report_log_is_silenced(caplog):
@@ -19,7 +19,7 @@ def test_ray_train_report_log_is_silenced(caplog):
     assert context.logger.isEnabledFor(logging.WARNING)
 
 
-# Lines the driver printed for README command 1 before gppf.terminal (worker prefixes stripped).
+# Lines the driver printed for README command 1 before gppf.dist.terminal (worker prefixes stripped).
 RAY_NOISE = [
     "Progress bars disabled. To enable, set "
     "`ray.data.DataContext.get_current().enable_progress_bars = True`.",
@@ -44,7 +44,7 @@ KEPT = [
 
 
 def test_ray_noise_is_dropped_and_the_platform_and_errors_are_kept():
-    from gppf.terminal import is_noise
+    from gppf.dist.terminal import is_noise
 
     assert [line for line in RAY_NOISE if not is_noise(line)] == []
     assert [line for line in KEPT if is_noise(line)] == []
@@ -55,7 +55,7 @@ def test_worker_lines_reach_the_driver_without_the_noise(ray_session, capsys):
 
     import ray
 
-    from gppf.runner import ensure_ray
+    from gppf.dist.ray_env import ensure_ray
 
     logs = ensure_ray()
     assert logs and Path(logs).is_dir()
@@ -77,6 +77,6 @@ def test_worker_lines_reach_the_driver_without_the_noise(ray_session, capsys):
 
 
 def test_durations_on_a_progress_line():
-    from gppf.metrics_log import duration
+    from gppf.engine.metrics_log import duration
 
     assert [duration(s) for s in (0.4, 45, 250, 7380)] == ["0s", "45s", "4m10s", "2h03m"]

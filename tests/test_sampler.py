@@ -5,11 +5,11 @@ import itertools
 import numpy as np
 import pytest
 
-from gppf.config import ConfigError
-from gppf.job_config import JobConfig, TrainConfig
-from gppf.optim import warmup_cosine
-from gppf.sampler import SAMPLERS, TaskSampler, round_robin_epoch, sample_task, task_schedule
-from gppf.stages import StageConfig, StagePlan
+from gppf.config.base import ConfigError
+from gppf.config.job import SAMPLERS, JobConfig, StageConfig, TrainConfig
+from gppf.engine.optim import warmup_cosine
+from gppf.engine.sampler import TaskSampler, round_robin_epoch, sample_task, task_schedule
+from gppf.engine.stages import StagePlan
 
 W = [4.0, 2.5, 2.5, 4.0, 4.0, 1.0, 2.0, 1.0]
 

@@ -11,8 +11,8 @@ from PIL import Image
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from gppf.data.batches import collate_numpy
-from gppf.registry import build_task
+from gppf.api.registry import build_task
+from gppf.io.batches import collate_numpy
 from task_plugins import seg_transforms as T
 from task_plugins.segmentation import MIoUEvaluator
 

@@ -22,8 +22,9 @@ def test_uneven_per_worker_task_rates_do_not_deadlock(demo_root, ray_session):
         import torch.distributed as dist
 
         import task_plugins  # noqa: F401
-        from gppf.data.stream import StreamConfig, TaskStream, configure_data_context
-        from gppf.registry import build_task
+        from gppf.api.registry import build_task
+        from gppf.config.job import StreamConfig
+        from gppf.data.stream import TaskStream, configure_data_context
 
         rank = ray.train.get_context().get_world_rank()
         scfg = StreamConfig(min_rows_per_pass=32, chunk_rows=32)

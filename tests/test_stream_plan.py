@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 import task_plugins  # noqa: F401
-from gppf.data.stream import StreamConfig, TaskStream
-from gppf.registry import build_task
+from gppf.api.registry import build_task
+from gppf.config.job import StreamConfig
+from gppf.data.stream import TaskStream
 from tests.tasks_for_tests import task_entries
 
 

@@ -1,4 +1,4 @@
-"""Ray Tune sweeps (gppf.sweep, jobs/tune_gppf.py): a bad search space fails before any trial,
+"""Ray Tune sweeps (gppf.launch.sweep, jobs/tune_gppf.py): a bad search space fails before any trial,
 naming the entry; a shrunk sweep of jobs/tune_gppf.py is interrupted after its first trial and
 resumed without rerunning it; the objective Tune recorded is the trial's own final evaluation;
 the best override file runs through jobs/gppf_r50.py's --set-file."""
@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from ray import tune
 
-from gppf.config import ConfigError, apply_values
-from gppf.sweep import SweepConfig, check_space, flat_evaluation, run_sweep
+from gppf.config.base import ConfigError, apply_values
+from gppf.config.sweep import SweepConfig
+from gppf.launch.sweep import check_space, flat_evaluation, run_sweep
 from tests.test_jobs import load_job
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -98,7 +99,7 @@ def test_a_report_reaches_tune_as_flat_metrics_and_the_objective():
 
 def test_set_file_errors_name_the_file(tmp_path, capsys):
     gppf_r50 = load_job(JOBS / "gppf_r50.py")
-    from gppf.cli import main
+    from gppf.launch.cli import main
 
     bad = tmp_path / "bad.json"
     cases = ((json.dumps({"optim.lrr": 0.1}), f"--set-file {bad}: optim.lrr=0.1"), ("{x", "not JSON"))
@@ -200,7 +201,7 @@ def test_the_sweep_writes_its_table_plot_and_best_overrides(sweep):
 
 def test_best_overrides_run_through_gppf_r50(sweep, capsys):
     gppf_r50 = load_job(JOBS / "gppf_r50.py")
-    from gppf.cli import main
+    from gppf.launch.cli import main
 
     best_file = sweep["dir"] / "best_overrides.json"
     best = json.loads(best_file.read_text())
@@ -224,9 +225,9 @@ def test_best_overrides_run_through_gppf_r50(sweep, capsys):
 
 
 def test_optuna_suggests_values_inside_the_job_space(demo_base):
-    from gppf.config import apply_values
-    from gppf.runner import validate
-    from gppf.sweep import _searcher
+    from gppf.config.base import apply_values
+    from gppf.launch.fit import validate
+    from gppf.launch.sweep import _searcher
 
     cfg, space = demo_base
     searcher = _searcher(SweepConfig(searcher="optuna", seed=3))

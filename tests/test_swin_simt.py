@@ -8,12 +8,17 @@ from __future__ import annotations
 import timm
 import torch
 
-from gppf.backbone import BackboneConfig
-from gppf.data.stream import StreamConfig
-from gppf.export import load_trunk
-from gppf.job_config import JobConfig, OptimConfig, ScalingConfig, TrainConfig
-from gppf.lego import LegoConfig
-from gppf.runner import fit
+from gppf.config.job import (
+    BackboneConfig,
+    JobConfig,
+    LegoConfig,
+    OptimConfig,
+    ScalingConfig,
+    StreamConfig,
+    TrainConfig,
+)
+from gppf.launch.fit import fit
+from gppf.tools.export import load_trunk
 from tests.tasks_for_tests import task_entries
 
 SWIN = "swin_tiny_patch4_window7_224"

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import task_plugins  # noqa: F401
-from gppf.backbone import Backbone
-from gppf.data.stream import StreamConfig, TaskStream, eval_batches
-from gppf.model import MultiTaskModel
-from gppf.registry import _REGISTRY, build_task
+from gppf.api.registry import _REGISTRY, build_task
+from gppf.config.job import StreamConfig
+from gppf.data.stream import TaskStream, eval_batches
+from gppf.models.backbone import Backbone
+from gppf.models.model import MultiTaskModel
 from tests.tasks_for_tests import task_entries
 
 NAMES = [

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gppf.backbone import BackboneConfig
-from gppf.checkpoint import save_checkpoint
-from gppf.config import ConfigError
-from gppf.hooks import Hook, StageHook
-from gppf.job_config import JobConfig, ModelConfig, OptimConfig, TrainConfig
-from gppf.lego import gumbel_tau
-from gppf.optim import warmup_cosine
-from gppf.payload import StepPayload
-from gppf.stages import StageConfig, StagePlan
-from gppf.trainer import Trainer
+from gppf.api.hooks import Hook
+from gppf.config.base import ConfigError
+from gppf.config.job import BackboneConfig, JobConfig, ModelConfig, OptimConfig, StageConfig, TrainConfig
+from gppf.dist.payload import StepPayload
+from gppf.engine.hooks import StageHook
+from gppf.engine.optim import warmup_cosine
+from gppf.engine.stages import StagePlan
+from gppf.engine.trainer import Trainer
+from gppf.io.checkpoint import save_checkpoint
+from gppf.models.lego import gumbel_tau
 
 
 class FixedStream:
@@ -208,7 +208,7 @@ def test_payload_slots():
 
 
 def test_a_hook_registers_a_payload_slot_and_reports_it():
-    from gppf.hooks import ReportHook
+    from gppf.engine.hooks import ReportHook
 
     reports = []
 
@@ -221,7 +221,8 @@ def test_a_hook_registers_a_payload_slot_and_reports_it():
 
     cfg = _config()
     cfg.train.log_every = 2
-    t = _trainer(cfg, hooks=[Counter(), ReportHook(lambda m, ckpt: reports.append(m), logger=None)])
+    report = ReportHook(lambda m, ckpt: reports.append(m), None, cfg.train.log_every)
+    t = _trainer(cfg, hooks=[Counter(), report])
     t.run()
     assert [r["step"] for r in reports] == [2, 4, 4]  # log steps, then the final report
     assert [r["my_count"] for r in reports[:2]] == [[0.0, 0.25], [0.0, 1.25]]  # per-step mean of the window
@@ -236,7 +237,7 @@ def test_ray_train_gets_checkpoints_evaluations_the_end_and_every_report_every(
     `train.report_every` asks for them; the choice is the same on every rank (step and content)."""
     import ray.train
 
-    from gppf.train_loop import ray_sink
+    from gppf.launch.worker import ray_sink
 
     steps = []
     monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None: steps.append(metrics["step"]))

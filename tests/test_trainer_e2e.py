@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from gppf.checkpoint import load_checkpoint
-from gppf.hooks import Hook
-from gppf.optim import warmup_cosine
-from gppf.runner import fit
+from gppf.api.hooks import Hook
+from gppf.engine.optim import warmup_cosine
+from gppf.io.checkpoint import load_checkpoint
+from gppf.launch.fit import fit
 from tests.staged_job import EVAL_EVERY, TOTAL, staged_config, steps_of
 from tests.test_exact_resume import _training_worker_pids, assert_same_steps
 from tests.test_local_cluster import committed_steps

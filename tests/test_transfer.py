@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gppf.finetune import prepare
-from gppf.runner import fit, resolve
+from gppf.launch.finetune_config import prepare
+from gppf.launch.fit import fit, resolve
 from tests.paper_layouts import make_transfer_layouts
 from tests.test_jobs import load_job
 
@@ -77,7 +77,7 @@ def test_every_target_resolves_with_the_papers_settings(finetune_job, layouts, s
     )
     assert kitti.backbone.drop_path_rate == 0.4  # stochastic depth, over the checkpoint's backbone
     assert task["crop_size"] == [352, 704] and task["kb_crop"] == [352, 1216] and task["eval_crop"] == "garg"
-    # Table 6: 300 epochs at batch 2048 with 20 warmup epochs, counted by gppf.epochs.
+    # Table 6: 300 epochs at batch 2048 with 20 warmup epochs, counted by gppf.engine.epochs.
     in1k = configs["in1k"]
     per_step = in1k.scaling.num_workers * in1k.tasks["in1k"]["batch_size"]
     assert per_step == 2048 and in1k.train.steps == math.ceil(300 * 1_281_167 / 2048)

@@ -8,11 +8,13 @@ import timm
 import torch
 from timm.models.swin_transformer import get_relative_position_index
 
-from gppf.backbone import Backbone, BackboneConfig
-from gppf.cross_bn import CrossTaskBatchNorm2d
-from gppf.lego import LegoConfig, LegoResNet
-from gppf.swin import LegoSwin, StaticSwin, _relative_index, window_and_shift
-from gppf.trunk import StepState, build_trunk
+from gppf.api.trunk import StepState
+from gppf.config.job import BackboneConfig, LegoConfig
+from gppf.dist.cross_bn import CrossTaskBatchNorm2d
+from gppf.models.backbone import Backbone
+from gppf.models.build import build_trunk
+from gppf.models.lego import LegoResNet
+from gppf.models.swin import LegoSwin, StaticSwin, _relative_index, window_and_shift
 
 SWIN = "swin_tiny_patch4_window7_224"
 SMALL_SWIN = {"embed_dim": 32, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 4, 8)}

@@ -8,11 +8,10 @@ import timm
 import torch
 import torchvision
 
-from gppf.backbone import BackboneConfig
-from gppf.checkpoint import save_checkpoint
-from gppf.lego import LegoConfig
-from gppf.trunk import build_trunk
-from gppf.weight_formats import load_backbone
+from gppf.config.job import BackboneConfig, LegoConfig
+from gppf.io.checkpoint import save_checkpoint
+from gppf.models.build import build_trunk
+from gppf.models.weight_formats import load_backbone
 
 X = torch.randn(2, 3, 64, 64)
 

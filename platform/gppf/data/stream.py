@@ -26,25 +26,15 @@ import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from gppf.data.batches import Collate
+from gppf.api.task import Task
+from gppf.config.job import StreamConfig
 from gppf.data.subsets import train_source
-from gppf.task import Task
-
-
-@dataclass
-class StreamConfig:
-    prefetch_batches: int = 4  # batches kept ready per task and worker
-    min_rows_per_pass: int = 1024  # small datasets repeat epochs inside one pass
-    chunk_rows: int = 256  # rows decoded (materialised in the object store) ahead of the trainer
-    cpus_per_task: float = 0.25  # Ray CPUs per decode/augment task (fractional: decode is light)
-    stall_warning_s: float = 120.0  # warn (naming the task) when a batch takes longer than this
-    preserve_order: bool = True  # deterministic order: the position then identifies the next batch
+from gppf.io.batches import Collate
 
 
 def task_key(name: str) -> int:

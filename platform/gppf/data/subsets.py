@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from gppf.task import DataSource, Task
+    from gppf.api.task import DataSource, Task
 
 
 def label_subset(units: list[Any], fraction: float, seed: int, name: str) -> list[Any]:

@@ -1,0 +1,242 @@
+"""Hooks: everything the trainer does around the step (detectron2's HookBase, Lightning's callbacks).
+
+| hook | before_train | before_step | after_step | after_train |
+|---|---|---|---|---|
+| StageHook | starts the stage's streams | enters the stage of this step (and starts its streams) | | |
+| EvalHook | step-0 evaluation | | every `eval_every` steps | final evaluation |
+| CheckpointHook | | | every `checkpoint_every` steps, stage ends, the last step | |
+| ReportHook | | | log line + Ray Train report | last log line + final report |
+| PlotHook | | | | selection plots (lego) |
+| ExportHook | | | | each task's route as a plain backbone (`train.export_routes`) |
+| MirrorHook | | | uploads the logs after a checkpoint | (on close) uploads the logs (run_dir a URI) |
+
+Hooks run in that order. A hook that issues collectives (evaluation, the state gather of a
+checkpoint) runs on every rank at the same steps; only rank 0 writes files. Hooks put what they
+want reported into `trainer.report`; ReportHook sends one report per step that has something.
+A new hook subclasses `Hook` and is passed to `fit(cfg, hooks=[...])` (they run between
+CheckpointHook and ReportHook) or to `Trainer(hooks=...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gppf.api.hooks import Hook
+from gppf.config.job import MultiTaskMetricsConfig
+from gppf.engine.metrics_log import MetricsLogger, MetricWindow, say
+from gppf.engine.mt_metrics import with_multitask
+
+if TYPE_CHECKING:
+    from gppf.api.hooks import StepOutput
+    from gppf.config.job import TrainConfig
+    from gppf.engine.trainer import Trainer
+    from gppf.io.storage import UriPath
+
+# (metrics, checkpoint state or None) -> None; every rank calls it at the same steps.
+Sink = Callable[[dict[str, Any], "dict[str, Any] | None"], None]
+
+
+class StageHook(Hook):
+    """Switches stages (the stage of a step is a function of the step, gppf.engine.stages) and starts the
+    streams of a stage's tasks as it begins: their first chunks decode while the step-0
+    evaluation runs, instead of inside the first training steps."""
+
+    def before_train(self, t: Trainer) -> None:
+        self._announce(t)
+
+    def before_step(self, t: Trainer) -> None:
+        index = t.plan.index_at(t.step)
+        if index != t.stage_index:
+            t.enter_stage(index)
+            self._announce(t)
+
+    @staticmethod
+    def _announce(t: Trainer) -> None:
+        weights = t.plan.weights[t.stage_index]
+        for i, w in enumerate(weights):
+            if w > 0:
+                for j in [i, *t.attached.get(i, [])]:
+                    t.stream(t.tasks[j]).start()
+        if t.rank == 0 and len(t.plan.stages) > 1:
+            say(f"[gppf] {t.plan.describe(t.stage_index)}")
+
+
+class EvalHook(Hook):
+    """Validation metrics at step 0 (`at_start`), every `every` steps, and at the end, at most
+    `max_batches` per task and worker (0: all). All ranks evaluate their share of each split;
+    results go to the report, with the multi-task scores of `metrics` as the pseudo-task
+    `multitask` (gppf.engine.mt_metrics). `from_config` reads them from a job's config."""
+
+    def __init__(
+        self,
+        every: int = 0,
+        max_batches: int = 0,
+        at_start: bool = True,
+        metrics: MultiTaskMetricsConfig | None = None,
+    ):
+        self.every, self.max_batches, self.at_start = every, max_batches, at_start
+        self.metrics = metrics if metrics is not None else MultiTaskMetricsConfig()
+
+    @classmethod
+    def from_config(cls, train: TrainConfig, metrics: MultiTaskMetricsConfig) -> EvalHook:
+        return cls(train.eval_every, train.eval_max_batches, train.eval_at_start, metrics)
+
+    def evaluate(self, t: Trainer) -> dict[str, dict[str, float]]:
+        return with_multitask(t.evaluate(self.max_batches), self.metrics)
+
+    def before_train(self, t: Trainer) -> None:
+        if t.step == 0 and not t.initial_eval and self.at_start:
+            t.initial_eval = self.evaluate(t)
+            t.report.metrics["eval"] = t.initial_eval
+            t.report.log = True
+
+    def after_step(self, t: Trainer, out: StepOutput) -> None:
+        every = self.every
+        if every and t.step % every == 0 and t.step < t.total_steps:  # the end: after_train
+            t.report.metrics["eval"] = self.evaluate(t)
+            t.report.log = True
+
+    def after_train(self, t: Trainer) -> None:
+        final = self.evaluate(t)
+        t.report.metrics.update(eval=final, final_eval=final, initial_eval=t.initial_eval)
+
+
+class CheckpointHook(Hook):
+    """Checkpoints every `every` steps (0: none but these), at the end of every stage and at the end
+    of the run (before the final evaluation: an evaluation that fails leaves the final weights)."""
+
+    def __init__(self, every: int = 0):
+        self.every = every
+
+    def after_step(self, t: Trainer, out: StepOutput) -> None:
+        every = self.every
+        if t.step == t.total_steps or (every and t.step % every == 0) or t.plan.is_stage_end(t.step):
+            t.report.checkpoint = t.state_dict()  # collective: every rank calls it
+
+
+class ReportHook(Hook):
+    """Metric windows -> rank 0's log (metrics.jsonl, TensorBoard, terminal) and one `sink` call
+    (a Ray Train report) per step that logs, evaluates or checkpoints.
+
+    Steps that are a multiple of `log_every` log; the last step's line waits for the final
+    evaluation, so each step has one line."""
+
+    def __init__(self, sink: Sink, logger: MetricsLogger | None, log_every: int = 1):
+        self.log_every = max(1, log_every)
+        self.sink = sink
+        self.logger = logger
+        self.window: MetricWindow | None = None
+        self.last: dict[str, Any] = {}
+        self.deferred: dict[str, Any] | None = None
+
+    def before_train(self, t: Trainer) -> None:
+        self.window = MetricWindow(t)
+        self.last = {"step": t.step, "start_step": t.start_step, "world_size": t.world}
+        if t.report.metrics or t.report.log:  # the step-0 evaluation
+            self._emit(t, {**self.last, **t.report.metrics}, log=True)
+
+    def after_step(self, t: Trainer, out: StepOutput) -> None:
+        self.window.add(out)
+        log = t.step % self.log_every == 0 or t.step == t.total_steps or t.report.log
+        if not (log or t.report.checkpoint is not None or t.report.metrics):
+            return
+        window = self.window.metrics(t)
+        if log:
+            self.window.reset()
+            self.last = window
+        metrics = {**window, **t.report.metrics}
+        if t.step == t.total_steps:
+            self.deferred, log = metrics, False
+        self._emit(t, metrics, log)
+
+    def after_train(self, t: Trainer) -> None:
+        final = {**(self.deferred or self.last), **t.report.metrics}
+        if self.logger:  # the run's last line: the last window with the final evaluation
+            self.logger.log({k: v for k, v in final.items() if k not in ("final_eval", "initial_eval")})
+        self._emit(t, final, log=False)
+
+    def _emit(self, t: Trainer, metrics: dict[str, Any], log: bool) -> None:
+        if log and self.logger:
+            self.logger.log(metrics)
+        self.sink(metrics, t.report.checkpoint)
+        t.report.metrics, t.report.checkpoint, t.report.log = {}, None, False
+
+    def close(self) -> None:
+        if self.logger:
+            self.logger.close()
+
+
+class PlotHook(Hook):
+    """Rank 0 draws the selection plots of a lego run (GPPF Fig. 3 and 11) from metrics.jsonl
+    into the run directory and TensorBoard."""
+
+    def __init__(self, run_dir: Path, logger: MetricsLogger | None, draw: Callable[[Path], list[Path]]):
+        self.run_dir = run_dir
+        self.logger = logger
+        self.draw = draw  # gppf.tools.plots.draw: the hook is handed it (tools sit above the engine)
+
+    def after_train(self, t: Trainer) -> None:
+        if t.rank != 0 or not t.model.backbone.routes():
+            return
+        for path in self.draw(self.run_dir):
+            if self.logger:
+                self.logger.add_image(f"selection/{path.stem}", path, t.step)
+
+
+class ExportHook(Hook):
+    """Rank 0 writes each task's arg-max route as a plain timm state_dict (`route_<task>.pt`) into
+    the run directory at the end (`train.export_routes`; dynamic finetuning turns it on)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def after_train(self, t: Trainer) -> None:
+        if t.rank != 0:
+            return
+        import torch
+
+        trunk = t.model.backbone
+        for task, r in trunk.routes().items():
+            path = self.run_dir / f"route_{task}.pt"
+            torch.save(trunk.export(task), path)
+            loads = f"timm.create_model({trunk.timm_name!r}, num_classes=0) loads it"
+            say(f"[gppf] route {r['route']} of {task} -> {path} ({loads})")
+
+
+class MirrorHook(Hook):
+    """For a run directory in object storage (a URI, gppf.io.storage): rank 0 writes metrics.jsonl,
+    TensorBoard, plots and routes into a local directory, primed with the run's earlier logs when
+    it resumes, and uploads them after each checkpoint's report (so the logs in storage reach as
+    far as the newest checkpoint) and at the end, also when training failed. Checkpoints go to
+    storage through Ray Train itself. It runs last, so its close follows the logger's."""
+
+    LOGS = ("metrics.jsonl", "tensorboard")  # what a resumed run appends to
+
+    def __init__(self, remote: UriPath, rank: int):
+        from gppf.io import storage
+
+        self.remote, self.rank = remote, rank
+        self.local = storage.local_mirror(remote.name)
+        if rank == 0:
+            storage.copy_tree(remote, self.local, only=self.LOGS)
+
+    def wrap(self, sink: Sink) -> Sink:
+        def synced(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+            sink(metrics, state)
+            if state is not None:
+                self.upload()
+
+        return synced
+
+    def upload(self) -> None:
+        if self.rank == 0:
+            from gppf.io import storage
+
+            storage.copy_tree(self.local, self.remote)
+
+    def close(self) -> None:  # after ReportHook's, which flushes TensorBoard: the last upload
+        self.upload()
+
+
