@@ -79,7 +79,8 @@ def test_every_command_is_run_by_some_test():
         c
         for c in commands
         if not any(
-            form in tests for form in (f'"{c}"', f"-m {c}", f"{c.rsplit('.', 1)[1]}.main(", f"{c} import main")
+            form in tests
+            for form in (f'"{c}"', f"-m {c}", f"{c.rsplit('.', 1)[1]}.main(", f"{c} import main")
         )
     )
     assert commands and not untested, untested

@@ -24,10 +24,22 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def check_choice(value: Any, choices: Any, where: str) -> None:
+    """`value` is one of `choices` (a `Literal[...]` type or a tuple); else a ConfigError naming `where`."""
+    options = typing.get_args(choices) if typing.get_origin(choices) is typing.Literal else tuple(choices)
+    # `in` alone would take True for 1 and 1.0 for 1: the type must match too.
+    if not any(value == o and type(value) is type(o) for o in options):
+        shown = ", ".join(repr(o) if o == "" else str(o) for o in options)
+        raise ConfigError(f"{where} must be one of {shown}, got {value!r}")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
+        return value
+    if origin is typing.Literal:  # a field's choices: the loader checks them
+        check_choice(value, tp, where)
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

@@ -7,18 +7,19 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-from gppf.config.base import ConfigError, from_dict
+from gppf.config.base import ConfigError, check_choice, from_dict
 
 # -- backbone (gppf.models.backbone, gppf.models.lego) ------------------------------------------
-MODES = ("soft", "hard")
+LegoMode = Literal["soft", "hard"]
+MODES = get_args(LegoMode)
 
 
 @dataclass
 class LegoConfig:
     num_units: int = 2  # N units per lego layer (GPPF uses 2)
-    mode: str = "soft"  # "soft" or "hard" Gumbel-softmax in training
+    mode: LegoMode = "soft"  # "soft" or "hard" Gumbel-softmax in training
     shared_stem: bool = True  # the stem is one unit shared by all tasks (GPPF's results)
     shared_layers: tuple[int, ...] = ()  # indices of lego layers that are shared (1 unit)
     tau_start: float = 5.0
@@ -27,8 +28,7 @@ class LegoConfig:
     controller_lr: float = 0.0  # learning rate of the controller logits; 0 = the optimizer's lr
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"backbone.lego.mode must be one of {MODES}, got {self.mode!r}")
+        check_choice(self.mode, LegoMode, "config.backbone.lego.mode")
         if self.num_units < 1:
             raise ValueError(f"backbone.lego.num_units must be >= 1, got {self.num_units}")
         if not 0 < self.tau_end <= self.tau_start:
@@ -73,7 +73,8 @@ class StreamConfig:
 
 
 # -- adapters and language guidance (gppf.models.neck, gppf.models.language) ----------------------
-ADAPTERS = ("fpn", "pre", "post", "pre_scalar", "pre_vector")
+Adapter = Literal["fpn", "pre", "post", "pre_scalar", "pre_vector"]
+ADAPTERS = get_args(Adapter)
 
 VARIANTS = {
     "lv_adapter": ("learned", "l2v"),
@@ -176,7 +177,8 @@ def split_key(key: str, where: str) -> tuple[str, str]:
 
 
 # -- stages and task sampling (gppf.engine.stages, gppf.engine.sampler) --------------------------
-SCHEDULES = ("global", "stage")
+StageSchedule = Literal["global", "stage"]
+SCHEDULES = get_args(StageSchedule)
 
 
 @dataclass
@@ -194,7 +196,8 @@ class StageConfig:
     # {"lvis": {"class_balanced_beta": 0.999}}; a task with no entry gets {}
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     lr_factor: float = 1.0  # multiplies the learning rate of every parameter group
-    schedule: str = "global"  # "global": the job's warmup-cosine; "stage": one of its own over this stage
+    # "global": the job's warmup-cosine; "stage": one of its own over this stage
+    schedule: StageSchedule = "global"
     warmup_steps: int = 0  # schedule="stage": linear warmup at the start of the stage
     warmup_factor: float = 0.0  # ... starting at lr x this (LV-Adapter: 0.01); 0 = from lr / warmup_steps
     tau_decay: bool = True  # lego τ keeps decaying in this stage; False holds it
@@ -214,7 +217,8 @@ class StageConfig:
             raise ConfigError(f"stage {self.name!r}: lr_factor must be >= 0, got {self.lr_factor}")
 
 
-SAMPLERS = ("simt", "per_batch", "uniform", "size", "round_robin")
+Sampler = Literal["simt", "per_batch", "uniform", "size", "round_robin"]
+SAMPLERS = get_args(Sampler)
 
 
 NEEDS_SIZES = ("size", "round_robin")  # samplers that read the tasks' training-set sizes
@@ -223,7 +227,7 @@ NEEDS_SIZES = ("size", "round_robin")  # samplers that read the tasks' training-
 # -- the job ------------------------------------------------------------------------------------
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # "sgd" or "adamw"
+    name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.16
     weight_decay: float = 5e-4
     momentum: float = 0.9
@@ -232,7 +236,7 @@ class OptimConfig:
     # After the warmup: "cosine" to lr * min_lr_ratio, or "step": x decay_factor at each of
     # decay_steps (GPPF App. D.2's UODB finetuning, VTD's epochs 8 and 11). Stages with
     # schedule="stage" keep a cosine of their own.
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "step"] = "cosine"
     decay_steps: list[int] = field(default_factory=list)
     decay_factor: float = 0.1
     # App. D.2's downstream grid: "weight decay will be divided by learning rate", i.e. the
@@ -243,10 +247,8 @@ class OptimConfig:
     norm_bias_decay: bool = True
 
     def __post_init__(self):
-        if self.name not in ("sgd", "adamw"):
-            raise ConfigError(f"config.optim.name must be 'sgd' or 'adamw', got {self.name!r}")
-        if self.schedule not in ("cosine", "step"):
-            raise ConfigError(f"config.optim.schedule must be 'cosine' or 'step', got {self.schedule!r}")
+        check_choice(self.name, ("sgd", "adamw"), "config.optim.name")
+        check_choice(self.schedule, ("cosine", "step"), "config.optim.schedule")
         if self.schedule == "step" and (
             not self.decay_steps or sorted(self.decay_steps) != list(self.decay_steps)
         ):
@@ -264,10 +266,10 @@ class TrainConfig:
     seed: int = 0
     # How a worker picks its task at a step (gppf.engine.sampler.TaskSampler): simt, per_batch, uniform,
     # size or round_robin.
-    sampler: str = "simt"
+    sampler: Sampler = "simt"
     per_batch_sampling: bool = False  # deprecated alias of sampler="per_batch"
     amp: bool = True  # autocast on GPU (ignored on CPU)
-    amp_dtype: str = "bfloat16"  # or "float16" (then a GradScaler is used)
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # or "float16" (then a GradScaler is used)
     log_every: int = 50
     # Ray Train gets the reports that carry a checkpoint or an evaluation, and the final one
     # (what Tune, callbacks and Result need); log windows go to rank 0's metrics.jsonl,
@@ -287,17 +289,14 @@ class TrainConfig:
     # DDP does; "off": one exchange after backward. "auto": on with GPUs, where the network and
     # the GPU work side by side; off on CPU, where gloo's reductions compete with backward for the
     # same cores and overlapping measured ~10 % slower (docs/benchmarks.md, P2').
-    overlap_allreduce: str = "auto"
+    overlap_allreduce: Literal["auto", "on", "off"] = "auto"
     torch_threads: int = 0  # 0 = cores / workers on this node
     collective_timeout_s: int = 1800  # a hung collective becomes an error after this long
     # Evaluation's collectives (gppf.dist.eval_group): the other ranks wait while rank 0 scores COCO.
     eval_timeout_s: int = 4 * 3600
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(
-                f"config.train.sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}"
-            )
+        check_choice(self.sampler, Sampler, "config.train.sampler")
         if self.per_batch_sampling:
             if self.sampler not in ("simt", "per_batch"):
                 raise ConfigError(
@@ -310,10 +309,8 @@ class TrainConfig:
                 stacklevel=2,
             )
             self.sampler, self.per_batch_sampling = "per_batch", False  # saved configs use the new key
-        if self.overlap_allreduce not in ("auto", "on", "off"):
-            raise ConfigError(
-                f"config.train.overlap_allreduce must be auto, on or off, got {self.overlap_allreduce!r}"
-            )
+        check_choice(self.overlap_allreduce, ("auto", "on", "off"), "config.train.overlap_allreduce")
+        check_choice(self.amp_dtype, ("bfloat16", "float16"), "config.train.amp_dtype")
         if self.log_every < 1:
             raise ConfigError(f"config.train.log_every must be >= 1, got {self.log_every}")
         if self.report_every < 0:
@@ -390,19 +387,15 @@ class ModelConfig:
     init_skip: list[str] = field(default_factory=list)
     # A neck shared by every task (gppf.models.neck): "" = none, each detection / segmentation head
     # builds its own FPN (GPPF); "fpn" = one FPN (P2-P5) that all heads read (LV-Adapter).
-    neck: str = ""
+    neck: Literal["", "fpn"] = ""
     neck_channels: int = 256
-    adapter: str = "fpn"  # the neck's design: fpn, pre, post, pre_scalar, pre_vector (gppf.models.neck)
+    adapter: Adapter = "fpn"  # the neck's design: fpn, pre, post, pre_scalar, pre_vector (gppf.models.neck)
     adapter_init: float = 1e-3  # pre_scalar / pre_vector: the residual gate's initial value
     language: LanguageConfig = field(default_factory=LanguageConfig)  # P5 language adapter
 
     def __post_init__(self):
-        if self.neck not in ("", "fpn"):
-            raise ConfigError(f"config.model.neck must be 'fpn' or empty, got {self.neck!r}")
-        if self.adapter not in ADAPTERS:
-            raise ConfigError(
-                f"config.model.adapter must be one of {', '.join(ADAPTERS)}, got {self.adapter!r}"
-            )
+        check_choice(self.neck, ("", "fpn"), "config.model.neck")
+        check_choice(self.adapter, Adapter, "config.model.adapter")
         if (self.init_map or self.init_skip) and not self.init_from:
             raise ConfigError("config.model.init_map / init_skip act on model.init_from: set it")
         if not self.neck and (self.adapter != "fpn" or self.language.variant):

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-from gppf.config.base import ConfigError
+from gppf.config.base import ConfigError, check_choice
 from gppf.config.job import split_key
 
-SEARCHERS = ("random", "optuna")
+Searcher = Literal["random", "optuna"]
+SEARCHERS = get_args(Searcher)
 
 
-SCHEDULERS = ("asha", "fifo")
+Scheduler = Literal["asha", "fifo"]
+SCHEDULERS = get_args(Scheduler)
 
 
 @dataclass
@@ -19,10 +22,11 @@ class SweepConfig:
     sweep_dir: str = "~/gppf_sweeps"  # the sweep lives in sweep_dir/name; an existing one is resumed
     # "task/metric" of an evaluation, or multitask/VTDA, multitask/delta_m (config.metrics)
     objective: str = "multitask/VTDA"
-    mode: str = "max"  # or "min"
+    mode: Literal["max", "min"] = "max"
     num_samples: int = 8  # trials (each tune.grid_search entry multiplies them, as in Ray Tune)
-    searcher: str = "random"  # random (and grid_search entries) or optuna (TPE)
-    scheduler: str = "asha"  # asha (early stopping on the objective) or fifo (every trial runs to the end)
+    searcher: Searcher = "random"  # random (and grid_search entries) or optuna (TPE)
+    # asha (early stopping on the objective) or fifo (every trial runs to the end)
+    scheduler: Scheduler = "asha"
     grace_period: int = 0  # ASHA: steps a trial trains before it may be stopped; 0 = train.eval_every
     reduction_factor: float = 2.0  # ASHA: keep the best 1/reduction_factor at each rung
     max_concurrent: int = 0  # trials at once; 0 = as many as the cluster's CPUs and GPUs hold
@@ -31,16 +35,9 @@ class SweepConfig:
 
     def __post_init__(self):
         where = "sweep"
-        if self.mode not in ("max", "min"):
-            raise ConfigError(f"{where}.mode must be 'max' or 'min', got {self.mode!r}")
-        if self.searcher not in SEARCHERS:
-            raise ConfigError(
-                f"{where}.searcher must be one of {', '.join(SEARCHERS)}, got {self.searcher!r}"
-            )
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(
-                f"{where}.scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"
-            )
+        check_choice(self.mode, ("max", "min"), f"{where}.mode")
+        check_choice(self.searcher, Searcher, f"{where}.searcher")
+        check_choice(self.scheduler, Scheduler, f"{where}.scheduler")
         if self.num_samples < 1:
             raise ConfigError(f"{where}.num_samples must be >= 1, got {self.num_samples}")
         if self.reduction_factor <= 1:
