@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from task_plugins.coco_eval import coco_ap
+from task_plugins.detection.coco_eval import coco_ap
 
 
 def synthetic(images: int, categories: int, per_image: int, seed: int = 0) -> tuple[dict, list[dict]]:

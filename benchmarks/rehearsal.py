@@ -22,14 +22,11 @@ It reports, from metrics.jsonl (one line per step) and from polling the driver's
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import threading
 import time
 from pathlib import Path
 from typing import Any
-
-ROOT = Path(__file__).resolve().parents[1]
 
 DET = ("coco", "lvis", "objects365", "openimages")
 SEG = ("ade20k", "cocostuff", "voc")
@@ -153,10 +150,7 @@ def rehearse(data_root: Path, run_dir: Path, steps: int, workers: int = 4) -> di
     """Run the rehearsal (Ray must be up, or it starts a local instance) and return its report."""
     from gppf.config.base import to_dict
     from gppf.launch.cli import main
-
-    spec = importlib.util.spec_from_file_location("gppf_r50_job", ROOT / "jobs" / "gppf_r50.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    from gppf.presets import gppf_r50 as job
     # The job's two stages, shortened: SIMT over the eight tasks, then LVIS's class-balanced
     # classifier stage on the last tenth of the steps (at least one).
     lvis_steps = max(1, steps // 10) if steps > 1 else 0
@@ -170,7 +164,7 @@ def rehearse(data_root: Path, run_dir: Path, steps: int, workers: int = 4) -> di
     ]
     t0 = time.time()
     with Monitor() as mon:
-        metrics = main(job.__doc__, job.full_config, job.demo_config, argv)
+        metrics = main(__doc__, job.full_config, job.demo_config, argv)
     wall = time.time() - t0
     run = Path(metrics["run_dir"])
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

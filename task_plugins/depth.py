@@ -53,8 +53,8 @@ from gppf.io import storage
 from gppf.io.batches import pad_stack, rows
 from gppf.io.images import IMAGENET_MEAN, BadSampleError, open_image, sample_rng, to_chw_uint8
 from task_plugins.common import paired_files, root_path
-from task_plugins.segmentation import match_size
-from task_plugins.upernet import conv_gn_relu
+from task_plugins.segmentation.task import match_size
+from task_plugins.segmentation.upernet import conv_gn_relu
 
 DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit greyscale PNG
 METRICS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")

@@ -216,8 +216,8 @@ def test_fixed_prompts_match_the_encoder_on_the_template():
 
 def test_heads_with_their_own_fpn_read_the_neck_pyramid_instead():
     from gppf.api.task import FeatureInfo
-    from task_plugins.rcnn import RCNNConfig, RCNNHead
-    from task_plugins.upernet import UperNetHead
+    from task_plugins.detection.rcnn import RCNNConfig, RCNNHead
+    from task_plugins.segmentation.upernet import UperNetHead
 
     pyramid = [FeatureInfo(32, s, pyramid=True) for s in (4, 8, 16, 32)]
     head = RCNNHead(pyramid, num_classes=3, masks=False, cfg=RCNNConfig(conv_channels=16, fc_channels=32))
@@ -259,6 +259,6 @@ def test_open_clip_text_tower_from_a_local_file_matches_open_clip(tmp_path, no_n
 
 
 def test_head_convs_take_any_width():
-    from task_plugins.upernet import conv_gn_relu
+    from task_plugins.segmentation.upernet import conv_gn_relu
 
     assert conv_gn_relu(8, 30, 3)(torch.randn(1, 8, 4, 4)).shape == (1, 30, 4, 4)  # 7 groups used to fail

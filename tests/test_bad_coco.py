@@ -10,7 +10,7 @@ import pytest
 
 import task_plugins  # noqa: F401
 from gppf.api.registry import build_task
-from task_plugins.coco_data import CocoFormatError, load_coco
+from task_plugins.detection.coco_data import CocoFormatError, load_coco
 
 
 def _copy(demo_root: Path, tmp_path: Path) -> tuple[Path, dict]:

@@ -1,4 +1,4 @@
-"""Cascade R-CNN (task_plugins.cascade): the stages' IoU thresholds, box coders and loss weights,
+"""Cascade R-CNN (task_plugins.detection.cascade): the stages' IoU thresholds, box coders and loss weights,
 stage k+1 training on stage k's refined boxes, and test-time scores averaged over the stages."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from gppf.api.task import FeatureInfo
-from task_plugins.cascade import CascadeRoIHeads
-from task_plugins.rcnn import RCNNConfig, RCNNHead
+from task_plugins.detection.cascade import CascadeRoIHeads
+from task_plugins.detection.rcnn import RCNNConfig, RCNNHead
 
 S = 128  # input size
 FEATS = [FeatureInfo(16, r) for r in (4, 8, 16, 32)]
@@ -137,7 +137,7 @@ def test_test_time_scores_are_the_mean_over_stages_on_the_last_stages_boxes():
 
 def test_gppf_swint_uses_cascade_on_its_four_detection_tasks():
     from gppf.config.base import from_dict
-    from task_plugins.detection import DetectionConfig
+    from task_plugins.detection.task import DetectionConfig
     from tests.test_jobs import load_job
 
     root = Path(__file__).resolve().parents[1] / "jobs"

@@ -15,8 +15,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from gppf.dist.local_dist import run_distributed
-from task_plugins.coco_data import load_coco
-from task_plugins.coco_eval import CocoEvaluator, coco_ap, detections_to_coco
+from task_plugins.detection.coco_data import load_coco
+from task_plugins.detection.coco_eval import CocoEvaluator, coco_ap, detections_to_coco
 
 
 def _predictions(ann_file: Path, seed: int = 0) -> list[dict]:
@@ -136,7 +136,7 @@ def test_pasted_mask_lands_in_its_box():
 
 def _rank_eval(rank: int, world: int, ann: str, image_dir: str, score_delay_s: float = 0.0) -> dict:
     if score_delay_s:  # rank 0 scores slowly (a large split): the others wait in a collective
-        import task_plugins.coco_eval as coco_eval
+        import task_plugins.detection.coco_eval as coco_eval
         from gppf.dist.eval_group import init_eval_group
 
         init_eval_group(timeout_s=60)

@@ -9,8 +9,8 @@ import task_plugins  # noqa: F401
 from gppf.api.registry import build_task
 from gppf.dist.cross_bn import CrossTaskBatchNorm2d
 from gppf.io.images import normalize_images
-from task_plugins.detection import copy_paste
-from task_plugins.rcnn import unpack_masks
+from task_plugins.detection.rcnn import unpack_masks
+from task_plugins.detection.task import copy_paste
 from tests.tasks_for_tests import task_entries
 
 
@@ -133,7 +133,7 @@ def test_training_and_evaluation_pad_alike(demo_root):
 
 
 def test_group_norm_divides_any_head_width():
-    from task_plugins.rcnn import group_norm
+    from task_plugins.detection.rcnn import group_norm
 
     assert group_norm(256).num_groups == 32 and group_norm(16).num_groups == 4
     for channels in (130, 96, 3, 1):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from task_plugins.coco_data import CocoFormatError, load_coco
-from task_plugins.coco_eval import LVIS_MAX_DETS, CocoEvaluator, top_per_image
+from task_plugins.detection.coco_data import CocoFormatError, load_coco
+from task_plugins.detection.coco_eval import LVIS_MAX_DETS, CocoEvaluator, top_per_image
 
 # Two categories of each frequency; category 6 is annotated nowhere (its APf part is -1 in LVISEval).
 CATS = [{"id": i, "name": f"c{i}", "frequency": f} for i, f in enumerate("rrccff", start=1)]

@@ -12,7 +12,7 @@ from gppf.config.base import ConfigError
 from gppf.config.job import BackboneConfig, JobConfig, OptimConfig, StageConfig, TrainConfig
 from gppf.engine.trainer import Trainer
 from gppf.io.batches import collate_numpy
-from task_plugins.rcnn import class_balanced_weights
+from task_plugins.detection.rcnn import class_balanced_weights
 from tests.tasks_for_tests import task_entries
 from tests.test_trainer import FixedStream
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from task_plugins.segmentation import MIoUEvaluator
+from task_plugins.segmentation.task import MIoUEvaluator
 
 
 def _logits(pred: list[list[int]], n: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from gppf.io.images import BadSampleError
 from gppf.models.backbone import Backbone
 from gppf.models.model import MultiTaskModel
 from task_plugins.depth import DepthEvaluator
-from task_plugins.segmentation import MIoUEvaluator
+from task_plugins.segmentation.task import MIoUEvaluator
 
 SIZE = 32
 FEATURES = [FeatureInfo(8, 4), FeatureInfo(16, 8), FeatureInfo(32, 16)]

@@ -1,4 +1,4 @@
-"""The Open Images challenge's AP50 (task_plugins.oid_eval) against values computed by hand on a
+"""The Open Images challenge's AP50 (task_plugins.detection.oid_eval) against values computed by hand on a
 fixture with a class hierarchy, a group-of box and negative image-level labels; the converter's
 challenge keys."""
 
@@ -12,7 +12,7 @@ from PIL import Image
 from gppf.api.registry import build_task
 from gppf.config.base import ConfigError
 from gppf.tools.openimages_to_coco import convert
-from task_plugins.oid_eval import ancestors, average_precision, oid_challenge_ap
+from task_plugins.detection.oid_eval import ancestors, average_precision, oid_challenge_ap
 
 # Entity > Animal > {Dog, Cat}; Entity > Vehicle > Car
 HIERARCHY = {

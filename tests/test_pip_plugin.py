@@ -113,6 +113,7 @@ def test_installed_plugin_without_data_root_added_by_set_file_and_selected_by_ta
         "train.eval_max_batches=1",
         "train.eval_at_start=false",
         "train.checkpoint_every=0",
+        "scaling.num_workers=1",  # one worker group member: the plugin's import is what is tested
         "data.chunk_rows=16",
         "data.min_rows_per_pass=16",
         f"run_dir={tmp_path / 'runs'}",

@@ -18,9 +18,9 @@ from gppf.config.cpf import PseudoLabelConfig
 from gppf.config.job import JobConfig
 from gppf.data.stream import items_dataset
 from gppf.tools.pseudo_labels import image_files
-from task_plugins.detection import DetectionConfig, DetectionTask
+from task_plugins.detection.task import DetectionConfig, DetectionTask
 from task_plugins.pseudo_label_formats import confident_annotations, confident_labels, raw_label_ids
-from task_plugins.segmentation import SegmentationConfig, SegmentationTask
+from task_plugins.segmentation.task import SegmentationConfig, SegmentationTask
 
 
 def _batch(units: list[dict]) -> dict[str, np.ndarray]:

@@ -6,7 +6,7 @@
         --images  /data/openimages/train \\
         --out     /data/openimages/annotations/openimages_train_bbox.json
 
-For the challenge's AP50 (`evaluation: oid_challenge`, task_plugins.oid_eval), convert the
+For the challenge's AP50 (`evaluation: oid_challenge`, task_plugins.detection.oid_eval), convert the
 validation split with the challenge's files and its human-verified image-level labels:
 
     python -m gppf.tools.openimages_to_coco \

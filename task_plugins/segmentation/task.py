@@ -8,7 +8,7 @@ stems instead of listing the image directory (Pascal VOC's ImageSets). Label pix
 ignore, every other id drops by one); `label_map` then remaps ids (COCO-Stuff's sparse ids); ids
 missing from a non-empty map become ignore.
 
-Training (task_plugins.seg_transforms): a keep-ratio resize to `scale` x a ratio from
+Training (task_plugins.segmentation.task.transforms): a keep-ratio resize to `scale` x a ratio from
 `ratio_range`, a random `input_size` crop redrawn while one class covers >= `cat_max_ratio` of it,
 a flip, MMSeg's photometric distortion, padding to the crop size (label: ignore). The loss is
 MMSeg's cross-entropy, averaged over every pixel of the crop (`avg_non_ignore` false, MMSeg's
@@ -39,10 +39,10 @@ from gppf.data.stream import items_dataset
 from gppf.io import storage
 from gppf.io.batches import pad_stack, rows
 from gppf.io.images import IMAGENET_MEAN, BadSampleError, open_image, sample_rng, to_chw_uint8
-from task_plugins import seg_transforms as T
 from task_plugins.common import paired_files
 from task_plugins.pseudo_label_formats import confident_labels, label_image, link_image, raw_label_ids
-from task_plugins.upernet import UperNetWithAux
+from task_plugins.segmentation import transforms as T
+from task_plugins.segmentation.upernet import UperNetWithAux
 
 if TYPE_CHECKING:
     from gppf.config.cpf import PseudoLabelConfig
@@ -65,7 +65,7 @@ class SegmentationConfig(TaskConfig):
     val_list: str = ""
     label_map: dict[int, int] = field(default_factory=dict)
     reduce_zero_label: bool = False  # MMSeg's: 0 -> ignore, id -> id - 1 (ADE20K), before label_map
-    # MMSeg's ADE20K / COCO-Stuff 164k / VOC 2012 aug pipeline (task_plugins.seg_transforms):
+    # MMSeg's ADE20K / COCO-Stuff 164k / VOC 2012 aug pipeline (task_plugins.segmentation.task.transforms):
     # keep-ratio resize bounds (long side, short side); empty: (4 x input_size, input_size),
     # MMSeg's (2048, 512) for its 512 crop
     scale: tuple[int, ...] = ()

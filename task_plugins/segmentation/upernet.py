@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from gppf.api.task import FeatureInfo
-from task_plugins.rcnn import group_norm
+from task_plugins.detection.rcnn import group_norm
 
 
 def conv_gn_relu(cin: int, cout: int, k: int) -> nn.Sequential:

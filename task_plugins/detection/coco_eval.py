@@ -208,11 +208,11 @@ def score(
     hierarchy: dict | None = None,
 ) -> dict[str, float]:
     """`coco_ap`, or `lvis_ap` for style "lvis", or the Open Images challenge's AP50
-    (task_plugins.oid_eval) for style "oid_challenge" with its class `hierarchy`."""
+    (task_plugins.detection.oid_eval) for style "oid_challenge" with its class `hierarchy`."""
     if style == "lvis":
         return lvis_ap(gt, results, iou_types, image_ids)
     if style == "oid_challenge":
-        from task_plugins.oid_eval import oid_challenge_ap
+        from task_plugins.detection.oid_eval import oid_challenge_ap
 
         return oid_challenge_ap(gt, results, hierarchy or {"LabelName": "/m/0bl9f"}, image_ids)
     return coco_ap(gt, results, iou_types, image_ids, scorer)

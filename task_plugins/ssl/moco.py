@@ -34,7 +34,7 @@ from gppf.api.heads import BindsTrunk, RoutesTask, SyncsAcrossRanks, TakesBatch
 from gppf.api.registry import register_task
 from gppf.api.task import Evaluator, FeatureInfo
 from gppf.config.base import ConfigError
-from task_plugins.ssl_data import (
+from task_plugins.ssl.data import (
     SSLConfig,
     SSLTask,
     Top1Evaluator,

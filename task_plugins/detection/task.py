@@ -2,9 +2,9 @@
 
 `pre`: large-scale jitter (torchvision transforms v2 `ScaleJitter` + `RandomCrop`) to a square
 `input_size`, horizontal flip and copy-paste between the images of a batch (Ghiasi et al.; not in
-torchvision's library, so `copy_paste` below). `net`: FPN + Faster/Mask R-CNN heads (task_plugins.rcnn).
-`loss`: torchvision's RPN and RoI losses, summed. Metric: COCO box / mask AP (task_plugins.coco_eval),
-or LVIS's federated AP with `evaluation: lvis`.
+torchvision's library, so `copy_paste` below). `net`: FPN + Faster/Mask R-CNN heads
+(task_plugins.detection.rcnn). `loss`: torchvision's RPN and RoI losses, summed. Metric: COCO box /
+mask AP (task_plugins.detection.coco_eval), or LVIS's federated AP with `evaluation: lvis`.
 
 Layout (relative to data_root, COCO's by default): `train_images`/, `val_images`/ and the two
 annotation files. Boxes only (Objects365, Open Images): `masks: false` gives Faster R-CNN.
@@ -42,11 +42,11 @@ from gppf.data.stream import items_dataset
 from gppf.io import storage
 from gppf.io.batches import pad_stack
 from gppf.io.images import IMAGENET_MEAN, BadSampleError, open_image, sample_rng
-from task_plugins.coco_data import CocoIndex, load_coco
-from task_plugins.coco_eval import SCORERS, CocoEvaluator, detections_to_coco
-from task_plugins.oid_eval import load_hierarchy
+from task_plugins.detection.coco_data import CocoIndex, load_coco
+from task_plugins.detection.coco_eval import SCORERS, CocoEvaluator, detections_to_coco
+from task_plugins.detection.oid_eval import load_hierarchy
+from task_plugins.detection.rcnn import RCNNConfig, RCNNHead, class_balanced_weights
 from task_plugins.pseudo_label_formats import coco_document, confident_annotations, link_image
-from task_plugins.rcnn import RCNNConfig, RCNNHead, class_balanced_weights
 
 if TYPE_CHECKING:
     from gppf.api.task import Task
@@ -76,7 +76,7 @@ class DetectionConfig(TaskConfig):
     coco_eval: str = "faster_coco_eval"  # the COCOeval: faster_coco_eval (C++) or pycocotools
     # "coco": COCOeval's AP; "lvis": LVIS's federated AP with APr/APc/APf (the val file must carry
     # LVIS's keys; set head.detections_per_image: 300, LVIS's cap); "oid_challenge": the Open Images
-    # challenge's AP50 (task_plugins.oid_eval; annotations from gppf.tools.openimages_to_coco)
+    # challenge's AP50 (task_plugins.detection.oid_eval; annotations from gppf.tools.openimages_to_coco)
     evaluation: str = "coco"
     oid_hierarchy: str = ""  # oid_challenge: the class-hierarchy JSON, relative to data_root
     # > 0: evaluate with the shorter side at test_size and the longer at most test_max_size

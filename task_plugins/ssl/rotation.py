@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from gppf.api.registry import register_task
 from gppf.api.task import Evaluator, FeatureInfo
 from gppf.io.images import sample_rng
-from task_plugins.ssl_data import (
+from task_plugins.ssl.data import (
     SSLConfig,
     SSLTask,
     Top1Evaluator,

@@ -1,5 +1,5 @@
 """Faster / Mask R-CNN with FPN on top of the platform backbone, assembled from torchvision's parts;
-`cascade: true` swaps the RoI box head for Cascade R-CNN's three stages (task_plugins.cascade).
+`cascade: true` swaps the RoI box head for Cascade R-CNN's three stages (task_plugins.detection.cascade).
 
 GPPF §4.1 / App. D.1: FPN, RPN, and box and mask heads with four conv layers before the predictors
 (torchvision's "v2" heads). All normalisation in the head is GroupNorm: ranks run different heads,
@@ -29,7 +29,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from gppf.api.heads import TakesBatch
 from gppf.api.task import FeatureInfo
 from gppf.io.batches import rows
-from task_plugins.cascade import CascadeRoIHeads, CascadeStage, stage_box_weights
+from task_plugins.detection.cascade import CascadeRoIHeads, CascadeStage, stage_box_weights
 
 
 class Float32BoxCoder(BoxCoder):
@@ -60,7 +60,7 @@ class RCNNConfig:
     roi_batch_per_image: int = 512
     score_thresh: float = 0.05
     detections_per_image: int = 100
-    # Cascade R-CNN (task_plugins.cascade): stages' IoU thresholds and loss weights
+    # Cascade R-CNN (task_plugins.detection.cascade): stages' IoU thresholds and loss weights
     cascade: bool = False
     cascade_ious: tuple[float, ...] = (0.5, 0.6, 0.7)
     cascade_loss_weights: tuple[float, ...] = (1.0, 0.5, 0.25)

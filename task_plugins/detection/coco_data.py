@@ -118,7 +118,8 @@ def load_coco(
     `lvis`: the file must carry LVIS's federated keys (an image's negative and not-exhaustive
     category ids, a category's frequency), which the ground truth keeps for LVIS's AP. `oid`: each
     category must carry its Open Images `label_name`, and an image's verified image-level labels
-    (`pos_category_ids`, `neg_category_ids`) are kept, for the challenge's AP (task_plugins.oid_eval)."""
+    (`pos_category_ids`, `neg_category_ids`) are kept, for the challenge's AP
+    (task_plugins.detection.oid_eval)."""
     path = storage.path(ann_file)
     if not path.is_file():
         raise FileNotFoundError(f"task {task!r}: annotation file {path} does not exist")
