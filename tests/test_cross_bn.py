@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -101,3 +102,91 @@ def test_convert_keeps_weights_and_stats():
     CrossTaskBatchNorm2d.convert(m)
     assert isinstance(m[1], CrossTaskBatchNorm2d)
     assert torch.all(m[1].weight == 2.0) and torch.all(m[1].running_mean == 0.5)
+
+
+# |mean| / std of the activations: E[x²] - E[x]² of float32 sums lost 9.6e-2 of the variance at 1000.
+OFFSETS = (0.0, 100.0, 1000.0)
+UNITS = 2  # hard routes: rank r runs unit r % 2 of a two-unit lego layer
+
+
+def _offset_inputs(offset: float):
+    """float32 activations with |mean|/std = offset (std 1): different batch and spatial sizes."""
+    g = torch.Generator().manual_seed(1)
+    shapes = SHAPES[:2] + [(3, C, 5, 6)]
+    xs = [(torch.randn(*s, generator=g, dtype=torch.float64) + offset).float() for s in shapes]
+    gys = [torch.randn(*s, generator=g, dtype=torch.float64).float() for s in shapes]
+    return xs, gys
+
+
+def _offset_rank_fn(rank: int, world: int, routed: bool):
+    return {offset: _offset_rank(rank, offset, routed) for offset in OFFSETS}
+
+
+def _offset_rank(rank: int, offset: float, routed: bool):
+    from gppf.dist.cross_bn import unit_slot
+
+    xs, gys = _offset_inputs(offset)
+    bns = [_bn().float() for _ in range(UNITS)] if routed else [_bn().float()]
+    for bn in bns:
+        bn.siblings = bns if routed else []
+    unit = rank % UNITS if routed else 0
+    x = xs[rank].clone().requires_grad_(True)
+    if routed:
+        with unit_slot(UNITS, unit):
+            y = bns[unit](x)
+    else:
+        y = bns[0](x)
+    (y * gys[rank]).sum().backward()
+    bn = bns[unit]
+    return {"y": y.detach(), "gx": x.grad, "gw": bn.weight.grad, "rm": bn.running_mean, "rv": bn.running_var}
+
+
+def _offset_reference(offset: float, ranks: list[int]):
+    """torch's batch_norm over the union of `ranks`' pixels, in float64 (the exact values)."""
+    xs, gys = _offset_inputs(offset)
+    bn = _bn()
+    leaves = [xs[r].double().requires_grad_(True) for r in ranks]
+    flat = torch.cat([x.transpose(0, 1).reshape(C, -1) for x in leaves], 1)[None]
+    rm, rv = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    y = F.batch_norm(flat, rm, rv, bn.weight, bn.bias, training=True, momentum=0.1, eps=bn.eps)
+    gflat = torch.cat([gys[r].double().transpose(0, 1).reshape(C, -1) for r in ranks], 1)[None]
+    (y * gflat).sum().backward()
+    outs, start = {}, 0
+    for r, x in zip(ranks, leaves):
+        k = x.numel() // C
+        outs[r] = y[0, :, start : start + k].reshape(C, x.shape[0], *x.shape[2:]).transpose(0, 1).detach()
+        start += k
+    return outs, {r: x.grad for r, x in zip(ranks, leaves)}, bn.weight.grad, rm, rv
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("routed", [False, True], ids=["plain", "hard_routes"])
+def test_cross_task_bn_is_exact_at_large_activation_means(routed):
+    """float32 cross-task BN on 3 ranks against torch's BN over the union of the ranks' pixels
+    (the ranks that ran the same unit, under hard routes): outputs, input and weight gradients and
+    running statistics within 1e-5 relative, whatever the activations' mean."""
+    by_rank = run_distributed(_offset_rank_fn, 3, routed)
+    for offset in OFFSETS:
+        results = [r[offset] for r in by_rank]
+        groups = [[0, 2], [1]] if routed else [[0, 1, 2]]
+        for ranks in groups:
+            y_ref, gx_ref, gw_ref, rm_ref, rv_ref = _offset_reference(offset, ranks)
+            for r in ranks:
+                res = results[r]
+                for key, got, ref in (("y", res["y"], y_ref[r]), ("gx", res["gx"], gx_ref[r])):
+                    assert _rel(got, ref) <= 1e-5, (offset, routed, r, key, _rel(got, ref))
+                assert _rel(res["rm"], rm_ref) <= 1e-5, (offset, routed, r, "rm", _rel(res["rm"], rm_ref))
+                assert _rel(res["rv"], rv_ref) <= 1e-5, (offset, routed, r, "rv", _rel(res["rv"], rv_ref))
+            gw = sum(results[r]["gw"] for r in ranks)  # per-rank partial sums: the masked allreduce adds them
+            assert _rel(gw, gw_ref) <= 1e-5, (offset, routed, "gw", _rel(gw, gw_ref))
+
+
+def test_precision_benchmark_runs():
+    """benchmarks/bn_precision.py, whose figures docs/benchmarks.md shows."""
+    from benchmarks.bn_precision import OFFSETS, relative_errors
+
+    errors = relative_errors()
+    assert set(errors) == set(OFFSETS) and max(errors.values()) <= 1e-6, errors

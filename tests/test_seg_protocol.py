@@ -13,8 +13,8 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from gppf.api.registry import build_task
 from gppf.io.batches import collate_numpy
-from task_plugins.segmentation.task import MIoUEvaluator
 from task_plugins.segmentation import transforms as T
+from task_plugins.segmentation.task import MIoUEvaluator
 
 N_CLASSES, IGNORE = 4, 255
 SIZES = [(97, 61), (50, 83), (120, 40)]  # (w, h): non-square, all different
