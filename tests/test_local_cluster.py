@@ -176,6 +176,10 @@ def test_elastic_demo_job_survives_a_killed_worker_grows_and_loses_a_node(cluste
                 "data.chunk_rows=64",
                 "data.min_rows_per_pass=64",
                 "tasks.demo_det.batch_size=2",
+                # Steps of a few hundred ms on a fast machine ended the 48 steps before the added
+                # node had registered (the group never grew): 128 px images give every step more
+                # work, and the join time to spare.
+                "tasks.*.input_size=128",
             )
             for a in ("--set", s)
         ],

@@ -280,6 +280,10 @@ class TrainConfig:
     report_every: int = 0
     checkpoint_every: int = 5000  # and at the end of every stage and of the run
     keep_checkpoints: int = 2  # Ray Train keeps the newest this many
+    # "async": rank 0 writes the checkpoint locally and Ray Train uploads it to run_dir's storage in
+    # a background thread while training goes on (registered, so resumable, once uploaded);
+    # "sync": every rank waits for the upload at the checkpoint's report
+    checkpoint_upload: Literal["async", "sync"] = "async"
     eval_at_start: bool = True
     eval_every: int = 0  # evaluate every this many steps as well (0: at the start and the end only)
     eval_max_batches: int = 0  # per task and worker; 0 = the whole validation split
@@ -321,6 +325,7 @@ class TrainConfig:
             raise ConfigError(
                 f"config.train.eval_every must be >= 0 (0: at the start and end only), got {self.eval_every}"
             )
+        check_choice(self.checkpoint_upload, ("async", "sync"), "config.train.checkpoint_upload")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"config.train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.checkpoint_every < 0:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -95,6 +96,7 @@ class MaskedAllReduce:
         self.armed = False
         self.error = ""
         self.buffers: dict[int, torch.Tensor] = {}
+        self.host_extra: torch.Tensor | None = None  # the last step's extra vector, on the host
 
     def close(self) -> None:
         for h in self.hooks:
@@ -206,15 +208,22 @@ class MaskedAllReduce:
             if work is not None:
                 work.wait()
             n_params = len(bucket.params)
-            counts = flat[bucket.numel : bucket.numel + n_params]
-            counts_all.append(counts)
+            counts_all.append(flat[bucket.numel : bucket.numel + n_params])
             if bucket is self.buckets[-1] and self.extra is not None:
                 extra_out = flat[bucket.numel + n_params :]
-            self._scatter(bucket, flat, counts.tolist())  # one host sync per bucket
         if self.extra is not None and not self.buckets:
             extra_out = self.extra.float().clone()
             if self._distributed():
                 dist.all_reduce(extra_out, group=self.group)
+        # The step's one device-to-host copy: every bucket's use counts (which gradients become
+        # None) and the extra vector together, instead of a wait per bucket.
+        parts = counts_all + ([extra_out] if extra_out is not None else [])
+        host = torch.cat(parts).cpu().numpy() if parts else np.zeros(0, np.float32)
+        offset = 0
+        for bucket, flat, counts in zip(self.buckets, self.flats, counts_all):
+            self._scatter(bucket, flat, host[offset : offset + len(counts)].tolist())
+            offset += len(counts)
+        self.host_extra = torch.from_numpy(host[offset:].copy()) if extra_out is not None else None
         counts = torch.cat(counts_all).flip(0) if counts_all else torch.zeros(0)  # parameter order
         self.flats, self.works = [], []
         return extra_out, counts

@@ -235,7 +235,7 @@ class Trainer:
         else:
             loss.backward()
             summed, _ = self.reducer.reduce(extra)
-        stats = summed.cpu()
+        stats = self.reducer.host_extra  # the step's one device-to-host copy (gppf.dist.allreduce)
         self._raise_if_nonfinite(stats)
         self._sync_heads(summed)
         if self.scaler:
@@ -280,8 +280,8 @@ class Trainer:
         for name, head in self.synced.items():
             head.sync_get({slot: self.payload.view(summed, f"{name}/{slot}") for slot in head.sync_slots()})
 
-    def _raise_if_nonfinite(self, summed: torch.Tensor) -> None:
-        bad = self.payload.view(summed, "nonfinite")
+    def _raise_if_nonfinite(self, stats: torch.Tensor) -> None:
+        bad = self.payload.view(stats, "nonfinite").numpy()  # on the host already: no device read
         if bad.sum() > 0:  # every rank sees the sum, so every rank raises: none waits in a collective
             names = [self.tasks[i].name for i in range(len(self.tasks)) if bad[i] > 0]
             raise NonFiniteLossError(f"non-finite loss in task(s) {', '.join(names)} at step {self.step}")

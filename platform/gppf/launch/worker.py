@@ -44,13 +44,20 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def ray_sink(rank: int, report_every: int = 0) -> Sink:
+def ray_sink(rank: int, report_every: int = 0, upload: str = "async") -> Sink:
     """Reports to Ray Train: evaluations also as flat `val/<task>/<metric>` keys (what Tune and
     callbacks read); rank 0 writes the checkpoint, every rank reports (it is a barrier). A log
     window without a checkpoint or an evaluation is reported only every `report_every` steps
     (`train.report_every`: each report waits for the controller's poll). The choice depends on
-    the step and the report's content only, so every rank makes the same one."""
+    the step and the report's content only, so every rank makes the same one.
+
+    `upload="async"` (`train.checkpoint_upload`): the checkpoint is written to a local directory
+    and Ray Train uploads it in a background thread (CheckpointUploadMode.ASYNC), deleting the
+    local copy afterwards; it is registered, and so what a restart resumes from, only once the
+    upload finished. "sync": the report waits for the upload."""
     import ray.train
+
+    mode = ray.train.CheckpointUploadMode.ASYNC if upload == "async" else ray.train.CheckpointUploadMode.SYNC
 
     def sink(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         needed = state is not None or "eval" in metrics or "final_eval" in metrics
@@ -60,9 +67,14 @@ def ray_sink(rank: int, report_every: int = 0) -> Sink:
         if state is None or rank != 0:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as d:
-            save_checkpoint(state, d)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        d = tempfile.mkdtemp(prefix="gppf_checkpoint_")  # Ray deletes it after the upload
+        save_checkpoint(state, d)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_upload_mode=mode,
+            delete_local_checkpoint_after_upload=True,
+        )
 
     return sink
 
@@ -98,7 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if t.rank == 0:
             say(f"[gppf] resumed from checkpoint at step {t.step}")
     run_dir = storage.path(cfg.run_dir) / cfg.run_name
-    sink = ray_sink(t.rank, cfg.train.report_every)
+    sink = ray_sink(t.rank, cfg.train.report_every, cfg.train.checkpoint_upload)
     if isinstance(run_dir, UriPath):  # logs are written locally and uploaded (MirrorHook)
         mirror = MirrorHook(run_dir, t.rank)
         t.hooks = [*default_hooks(t, mirror.wrap(sink), mirror.local, extra=config.get("hooks")), mirror]

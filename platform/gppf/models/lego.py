@@ -66,7 +66,8 @@ class GumbelController(nn.Module):
         y = F.softmax((F.log_softmax(logits, -1) + gumbel) / tau, -1)
         if not hard:
             return y
-        one_hot = F.one_hot(y.argmax(-1), self.num_units).to(y.dtype)
+        # scatter, not F.one_hot: one_hot checks the indices' range on the host (a device read)
+        one_hot = torch.zeros_like(y).scatter_(-1, y.argmax(-1, keepdim=True), 1.0)
         return one_hot - y.detach() + y
 
 
@@ -133,7 +134,13 @@ class LegoLayer(nn.Module):
                 return self.units[k](x)
         return self.units[k](x)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor | int | None = None, hard: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor | int | None = None,
+        hard: bool = False,
+        unit: int | None = None,
+    ):
         if self.num_units == 1 or weights is None:
             return self._run(0, x, False)
         if isinstance(weights, int):
@@ -141,8 +148,8 @@ class LegoLayer(nn.Module):
             # Training, its cross-task BN takes the hard route's slot, so that ranks running other
             # units of this layer still issue the same collective.
             return self._run(weights, x, self._link() if self.training else False)
-        if hard:
-            k = int(weights.detach().argmax())
+        if hard:  # `unit`: the arg-max, read by the caller for all layers at once
+            k = unit if unit is not None else int(weights.detach().argmax())
             return _HardGate.apply(self._run(k, x, self._link()), weights[k])
         return sum(weights[k] * self._run(k, x, False) for k in range(self.num_units))
 
@@ -201,13 +208,16 @@ class LegoBackbone(Trunk):
         sampling = self.training and self.controller.training  # a frozen controller: arg-max routes
         if sampling:
             weights = self.controller.sample(task, self.tau, hard, self.generator)
-        route = self.controller.route(task)
+            # Hard routes: which unit each layer runs, read from the device once for all layers.
+            units = weights.detach().argmax(-1).tolist() if hard else [None] * len(self.layers)
+        else:
+            route = self.controller.route(task)
         feats = []
         for idx, layer in enumerate(self.layers):
             if layer.num_units == 1:
                 x = layer(x)
             elif sampling:
-                x = layer(x, weights[idx], hard=hard)
+                x = layer(x, weights[idx], hard=hard, unit=units[idx])
             else:
                 x = layer(x, route[idx])
             if idx in self.stage_ends:
