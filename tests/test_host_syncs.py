@@ -1,57 +1,22 @@
 """`Trainer.train_step` reads the device from the host once per step (the masked allreduce's use
 counts and the step payload, in one copy), so the CPU can run ahead of a GPU. Counted on the CPU
-with a dispatch mode that records the operations which, on a GPU, wait for it: scalar reads
-(`.item()`, `bool(t)`, `float(t)`), data-dependent shapes (boolean indexing, `nonzero`,
-`masked_select`, `unique`) and copies to the host (`Tensor.cpu`, `Tensor.tolist`; `numpy()` only
-ever reads a host tensor). On 2 gloo ranks: a static trunk and a soft lego trunk read once; hard
-lego routes once more, for the units the sampled route runs (all layers in one read)."""
+by gppf.tools.host_syncs.HostSyncs, a dispatch mode that records the operations which, on a GPU,
+wait for it: scalar reads (`.item()`, `bool(t)`, `float(t)`), data-dependent shapes (boolean
+indexing, `nonzero`, `masked_select`, `unique`) and copies to the host (`Tensor.cpu`,
+`Tensor.tolist`; `numpy()` only ever reads a host tensor). On 2 gloo ranks: a static trunk and a
+soft lego trunk read once; hard lego routes once more, for the units the sampled route runs (all
+layers in one read)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gppf.config.job import BackboneConfig, JobConfig, LegoConfig, OptimConfig, TrainConfig
 from gppf.dist.local_dist import run_distributed
 from gppf.engine.trainer import Trainer
+from gppf.tools.host_syncs import HostSyncs
 from tests.test_trainer import FixedStream
-
-DATA_DEPENDENT = ("aten.nonzero", "aten.masked_select", "aten._unique", "aten.unique")
-
-
-class HostSyncs(TorchDispatchMode):
-    """Records, in this thread, every operation that waits for the device to reach it."""
-
-    def __init__(self):
-        super().__init__()
-        self.events: list[str] = []
-        self._patched: list[tuple[str, object]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        indices = args[1] if name.startswith("aten.index.Tensor") and len(args) > 1 else ()
-        bool_index = any(torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in indices)
-        if name.startswith("aten._local_scalar_dense") or name.startswith(DATA_DEPENDENT) or bool_index:
-            self.events.append(name)
-        return func(*args, **(kwargs or {}))
-
-    def __enter__(self):
-        for method in ("cpu", "tolist"):
-            original = getattr(torch.Tensor, method)
-            self._patched.append((method, original))
-
-            def counted(t, *a, _m=method, _o=original, **k):
-                self.events.append(f"Tensor.{_m}")
-                return _o(t, *a, **k)
-
-            setattr(torch.Tensor, method, counted)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for method, original in self._patched:
-            setattr(torch.Tensor, method, original)
-        return super().__exit__(*exc)
 
 
 def _trainer(kind: str, mode: str = "hard") -> Trainer:
