@@ -184,6 +184,7 @@ class ClassificationTask(Task):
                 read=lambda units: storage.read_parquet(units).select_columns(cols),
                 rows_per_unit=max(1, sum(counts.values()) // max(1, len(files))),  # the mean
                 unit_rows=counts.__getitem__,
+                load=lambda units: storage.parquet_rows(units, cols),
             )
         train = self._split_dir("train")
         classes = _class_names(train) if train.is_dir() else []

@@ -182,7 +182,8 @@ def test_eval_hook_reports_the_multitask_entry_at_every_evaluation():
         total_steps=4,
         initial_eval=None,
         report=SimpleNamespace(metrics={}, log=False),
-        evaluate=lambda max_batches: next(evals),
+        tasks=[SimpleNamespace(name=n, cfg=SimpleNamespace(eval_every=0)) for n in ("cls", "seg")],
+        evaluate=lambda max_batches, names=None: next(evals),
     )
     hook = EvalHook.from_config(cfg.train, cfg.metrics)
     hook.before_train(t)

@@ -27,6 +27,9 @@ class PendingReport:
     metrics: dict[str, Any] = field(default_factory=dict)
     checkpoint: dict[str, Any] | None = None
     log: bool = False
+    # Reports of earlier steps that arrived now (asynchronous evaluations), each with its own
+    # "step": logged and reported before this step's own report. Every rank has as many.
+    earlier: list[dict[str, Any]] = field(default_factory=list)
 
 
 class TrainerView(Protocol):
@@ -46,13 +49,16 @@ class TrainerView(Protocol):
     model: nn.Module
     scheduler: Any
     report: PendingReport
+    payload: Any  # gppf.dist.payload.StepPayload: a hook may put values into the trainer's slots
     hooks: list[Hook]
     initial_eval: dict[str, dict[str, float]] | None
     init_reports: list[Any]
 
     def stream(self, task: Any) -> Any: ...
     def enter_stage(self, index: int) -> None: ...
-    def evaluate(self) -> dict[str, dict[str, float]]: ...
+    def evaluate(
+        self, max_batches: int = 0, names: list[str] | None = None
+    ) -> dict[str, dict[str, float]]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def run(self) -> None: ...

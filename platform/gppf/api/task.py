@@ -51,6 +51,11 @@ class DataSource:
     # skip whole chunks by arithmetic instead of decoding them. An unknown unit (KeyError) makes
     # the stream decode its way to the resume position instead.
     unit_rows: Callable[[Any], int] | None = None
+    # The raw rows of a list of units as one batch of numpy columns, read in this process without
+    # Ray: what the training stream calls per chunk before each batch is decoded in a Ray task
+    # (gppf.data.stream). None: a source whose `read` is `items_dataset` uses its units as rows;
+    # any other goes through `read` (a Ray Data execution per chunk, slower).
+    load: Callable[[list[Any]], dict[str, np.ndarray]] | None = None
 
 
 class Evaluator:
@@ -98,6 +103,10 @@ class Task:
         # Checked here rather than in TaskConfig: the error must name the task.
         if not 0 < cfg.label_fraction <= 1:
             raise ConfigError(f"tasks.{name}.label_fraction must be in (0, 1], got {cfg.label_fraction}")
+        if cfg.eval_every < 0:
+            raise ConfigError(
+                f"tasks.{name}.eval_every must be >= 0 (0: train.eval_every), got {cfg.eval_every}"
+            )
         self.name = name
         self.cfg = cfg
 

@@ -64,10 +64,14 @@ class BackboneConfig:
 # -- data streams (gppf.data.stream) -------------------------------------------------------------
 @dataclass
 class StreamConfig:
-    prefetch_batches: int = 4  # batches kept ready per task and worker
+    prefetch_batches: int = 4  # decoded batches kept ready per task and worker
     min_rows_per_pass: int = 1024  # small datasets repeat epochs inside one pass
-    chunk_rows: int = 256  # rows decoded (materialised in the object store) ahead of the trainer
-    cpus_per_task: float = 0.25  # Ray CPUs per decode/augment task (fractional: decode is light)
+    chunk_rows: int = 256  # raw rows (paths, encoded bytes) read and shuffled together
+    # Training: each batch is decoded by one Ray task reserving `cpus_per_task` CPUs, and a
+    # stream keeps `decode_tasks` of them in flight (the CPUs it can use at once, when the cluster
+    # has them). Evaluation's Ray Data tasks reserve `cpus_per_task` too.
+    cpus_per_task: float = 1.0
+    decode_tasks: int = 4
     stall_warning_s: float = 120.0  # warn (naming the task) when a batch takes longer than this
     preserve_order: bool = True  # deterministic order: the position then identifies the next batch
 
@@ -260,6 +264,16 @@ class OptimConfig:
             raise ConfigError("config.optim.decay_divided_by_lr needs optim.lr > 0")
 
 
+ASYNC_EVAL_FROM_STEPS = 2000  # train.eval_async="auto": runs at least this long evaluate asynchronously
+
+
+def evaluates_asynchronously(train: TrainConfig, total_steps: int = 0) -> bool:
+    """Whether a run evaluates asynchronously (`train.eval_async`); `total_steps`: the run's length
+    when its stages set it."""
+    long_run = max(total_steps, train.steps) >= ASYNC_EVAL_FROM_STEPS
+    return train.eval_async == "on" or (train.eval_async == "auto" and long_run)
+
+
 @dataclass
 class TrainConfig:
     steps: int = 500_000
@@ -287,6 +301,15 @@ class TrainConfig:
     eval_at_start: bool = True
     eval_every: int = 0  # evaluate every this many steps as well (0: at the start and the end only)
     eval_max_batches: int = 0  # per task and worker; 0 = the whole validation split
+    # Evaluations during training (step 0's and every eval_every's; not the final one) scored from
+    # a snapshot of the weights by Ray actors of their own while training goes on
+    # (gppf.engine.async_eval): "on", "off" (every rank stops and scores its share), or "auto":
+    # on for runs of ASYNC_EVAL_FROM_STEPS steps or more.
+    eval_async: Literal["auto", "on", "off"] = "auto"
+    eval_actors: int = 1  # asynchronous evaluators; an evaluation's tasks are spread over them
+    # What each evaluator reserves for the whole run: CPUs (it decodes its own batches), a GPU or a
+    # fraction of one ({"CPU": 4, "GPU": 0.5}), any custom resource of the cluster
+    eval_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
     export_routes: bool = False  # lego: write each task's arg-max route (route_<task>.pt) at the end
     bucket_mb: float = 25.0
     # "on": send each gradient bucket during backward as soon as it is final (gppf.dist.allreduce), as
@@ -326,6 +349,9 @@ class TrainConfig:
                 f"config.train.eval_every must be >= 0 (0: at the start and end only), got {self.eval_every}"
             )
         check_choice(self.checkpoint_upload, ("async", "sync"), "config.train.checkpoint_upload")
+        check_choice(self.eval_async, ("auto", "on", "off"), "config.train.eval_async")
+        if self.eval_actors < 1:
+            raise ConfigError(f"config.train.eval_actors must be >= 1, got {self.eval_actors}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"config.train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.checkpoint_every < 0:

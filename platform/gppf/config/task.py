@@ -28,3 +28,6 @@ class TaskConfig:
     # Directories in data_root's layout whose train split trains with this task's own (pseudo-labels
     # written by gppf.tools.pseudo_labels); their validation splits are not read.
     extra_train_roots: list[str] = field(default_factory=list)
+    # Evaluate this task every this many steps instead of train.eval_every (0: follow it), so
+    # that a large validation split (Open Images' 41k images) is not scored as often as VOC's.
+    eval_every: int = 0

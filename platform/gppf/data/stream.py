@@ -18,13 +18,16 @@ share follows the world size. The position (pass, batches taken) is the whole st
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import itertools
 import math
 import queue
 import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,7 +37,7 @@ import torch
 from gppf.api.task import Task
 from gppf.config.job import StreamConfig
 from gppf.data.subsets import train_source
-from gppf.io.batches import Collate
+from gppf.io.batches import collate_numpy
 
 
 def task_key(name: str) -> int:
@@ -43,6 +46,61 @@ def task_key(name: str) -> int:
 
 def _preprocess(batch: dict[str, np.ndarray], task: Task, train: bool, seed: int) -> dict[str, np.ndarray]:
     return task.preprocess(batch, train=train, seed=seed)
+
+
+def _decode(task: Task, rows: dict[str, np.ndarray], train: bool, seed: int) -> dict[str, np.ndarray]:
+    return task.preprocess(rows, train=train, seed=seed)
+
+
+_REMOTE_DECODE = None
+
+
+def _remote_decode():
+    """`_decode` as a Ray remote function (made once per process, on first use: importing this
+    module must not need Ray to be running)."""
+    global _REMOTE_DECODE
+    if _REMOTE_DECODE is None:
+        import ray
+
+        _REMOTE_DECODE = ray.remote(_decode)
+    return _REMOTE_DECODE
+
+
+def _get(ref, stop: threading.Event) -> dict[str, np.ndarray] | None:
+    """A decode task's result, or None once `stop` is set (checked twice a second: a stream being
+    closed does not wait for a batch nobody will take)."""
+    import ray
+
+    while not stop.is_set():
+        ready, _ = ray.wait([ref], timeout=0.5)
+        if ready:
+            return ray.get(ref)
+    return None
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The plugin's own exception out of a Ray task's error (BadSampleError naming the file)."""
+    import ray.exceptions
+
+    if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, Exception):
+        return e.cause
+    return e
+
+
+def _num_rows(rows: dict[str, np.ndarray]) -> int:
+    return len(next(iter(rows.values()))) if rows else 0
+
+
+def _rows_through(read: Callable[[list[Any]], Any]) -> Callable[[list[Any]], dict[str, np.ndarray]]:
+    """A source without `load`: its raw rows through its Ray Data reader (one execution per chunk)."""
+
+    def load(units: list[Any]) -> dict[str, np.ndarray]:
+        batches = list(read(units).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0))
+        if not batches:
+            return {}
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    return load
 
 
 def configure_data_context(cfg: StreamConfig) -> None:
@@ -73,9 +131,17 @@ def build_dataset(task: Task, read, units: list[Any], train: bool, seed: int, cf
 class TaskStream:
     """Unbounded batches of one task for one worker. `next()` returns (batch, seconds waited).
 
-    A daemon thread pulls from Ray Data and keeps up to `prefetch_batches` ready in a queue. (Ray
-    Data's own `prefetch_batches` spins a core while the consumer is busy with other tasks, which on
-    a small machine halves training speed; a blocking queue costs nothing while it waits.)
+    A daemon thread reads each chunk's raw rows in this process (`DataSource.load`: paths and
+    labels, or a Parquet file's bytes), shuffles them, cuts them into batches and has each batch
+    decoded by a Ray task (`task.preprocess`, `data.cpus_per_task` CPUs), keeping
+    `data.decode_tasks` of them in flight and taking their results in order into a queue of
+    `data.prefetch_batches`. That is a DataLoader's shape (workers, prefetch, in-order delivery)
+    with Ray's scheduler as the worker pool: decode runs wherever the cluster has CPUs, every
+    stream of every worker shares the same pool, and the object store holds at most
+    decode_tasks + prefetch_batches batches per stream. (One Ray Data execution per chunk, as
+    before, paid the executor's start and its block bookkeeping per chunk and decoded one chunk at
+    a time: half a DataLoader's throughput on 2 CPUs, docs/benchmarks.md.) A blocking get costs
+    nothing while the trainer is busy with other tasks.
     """
 
     def __init__(self, task: Task, seed: int, rank: int, world: int, cfg: StreamConfig | None = None):
@@ -88,7 +154,8 @@ class TaskStream:
         if not src.units:
             raise ValueError(f"task {task.name!r}: the train split has no data")
         self.units = src.units
-        self.read = src.read
+        # units -> raw rows (numpy columns), in this process
+        self.read = src.load or (item_rows if src.read is items_dataset else _rows_through(src.read))
         self.rows_per_unit = src.rows_per_unit
         self.unit_rows = src.unit_rows
         self.pass_idx = 0
@@ -119,6 +186,36 @@ class TaskStream:
         rng = np.random.default_rng([self.seed, task_key(self.task.name), 1, epoch, self.rank])
         return int(rng.integers(2**31))
 
+    def _batches(self, pass_idx: int, skip: int) -> Iterator[tuple[int, int, int, dict[str, np.ndarray]]]:
+        """(pass, batches of the pass so far, augmentation seed, raw rows) of every batch after
+        batch `skip` of pass `pass_idx`, without end. Batch j of a pass is a pure function of the
+        plan: chunk c's rows in the order of `default_rng(pass_seed + c)`, cut into whole batches
+        (a chunk's last partial batch is dropped). Resuming reads only the chunk that holds the
+        next batch (whole chunks before it are skipped by counting their rows) and decodes nothing
+        it skips."""
+        bs = self.task.cfg.batch_size
+        plan = self._chunks(pass_idx)
+        first, seen = self._resume_chunk(plan, skip)
+        while True:
+            for i in range(first, len(plan)):
+                _, seed, units = plan[i]
+                rows = self.read(units)
+                n = _num_rows(rows)
+                order = np.random.default_rng(self.pass_seed(pass_idx) + i).permutation(n)
+                for b in range(n // bs):
+                    seen += 1
+                    if seen > skip:
+                        idx = order[b * bs : (b + 1) * bs]
+                        yield pass_idx, seen, seed, {k: v[idx] for k, v in rows.items()}
+            if seen == 0 and skip == 0:
+                raise RuntimeError(
+                    f"task {self.task.name!r}: rank {self.rank}'s share of a pass yields no full batch "
+                    f"of {self.task.cfg.batch_size} (each chunk, at most data.chunk_rows rows of one "
+                    f"epoch, or each file is batched on its own); lower "
+                    f"tasks.{self.task.name}.batch_size or add data"
+                )
+            pass_idx, skip, seen, first, plan = pass_idx + 1, 0, 0, 0, self._chunks(pass_idx + 1)
+
     # -- producer thread ---------------------------------------------------------------------
     def _produce(self, pass_idx: int, skip: int, q: queue.Queue, stop: threading.Event) -> None:
         def put(item) -> bool:
@@ -130,56 +227,13 @@ class TaskStream:
                     continue
             return False
 
-        seen = 0
-
-        def materialize(pass_idx: int, seed: int, chunk: list[Any]):
-            return build_dataset(self.task, self.read, chunk, True, seed, self.cfg).materialize()
-
-        # Chunks of a pass are materialised one ahead of the one being consumed: Ray Data's
-        # executor then only runs while there is decoding to do. (A long-lived streaming
-        # execution whose consumer is busy elsewhere keeps its scheduling thread spinning.)
-        pool = ThreadPoolExecutor(1, thread_name_prefix=f"gppf-chunk-{self.task.name}")
         try:
-            plan = self._chunks(pass_idx)
-            # A resumed stream starts at the chunk that holds its next batch: the whole chunks
-            # before it are skipped by counting their rows, not by decoding them.
-            first, seen = self._resume_chunk(plan, skip)
-            if first == len(plan):  # the pass was used up exactly: start the next one
-                pass_idx, skip, seen, first, plan = pass_idx + 1, 0, 0, 0, self._chunks(pass_idx + 1)
-            ahead = pool.submit(materialize, *plan[first])
-            while not stop.is_set():
-                for i in range(first, len(plan)):
-                    current = ahead.result()
-                    if i + 1 < len(plan):
-                        ahead = pool.submit(materialize, *plan[i + 1])
-                    else:  # the next pass's first chunk
-                        plan_next = self._chunks(pass_idx + 1)
-                        ahead = pool.submit(materialize, *plan_next[0])
-                    # Shuffle rows inside the chunk too: Parquet units are whole files, whose rows
-                    # may be stored sorted by class.
-                    for batch in current.iter_torch_batches(
-                        batch_size=self.task.cfg.batch_size,
-                        drop_last=True,
-                        prefetch_batches=0,
-                        local_shuffle_buffer_size=self.cfg.chunk_rows,
-                        local_shuffle_seed=self.pass_seed(pass_idx) + i,
-                        collate_fn=Collate(),
-                    ):
-                        seen += 1
-                        if seen > skip and not put((batch, pass_idx, seen)):
-                            return
-                if seen == 0:
-                    raise RuntimeError(
-                        f"task {self.task.name!r}: rank {self.rank}'s share of a pass yields no full batch "
-                        f"of {self.task.cfg.batch_size} (each chunk, at most data.chunk_rows rows of one "
-                        f"epoch, or each file is batched on its own); lower "
-                        f"tasks.{self.task.name}.batch_size or add data"
-                    )
-                pass_idx, skip, seen, first, plan = pass_idx + 1, 0, 0, 0, plan_next
+            raw = ((rows, seed, (p, seen)) for p, seen, seed, rows in self._batches(pass_idx, skip))
+            for batch, (p, seen) in decoded(self.task, raw, True, self.cfg, stop):
+                if not put((batch, p, seen)):
+                    return
         except BaseException as e:  # hand it to the trainer, which raises it with the task's name
-            put(e)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # let a running materialize finish
+            put(_cause(e))
 
     def _rows(self, units: list[Any]) -> int | None:
         """Rows `read` yields for these units; None when a unit's count is unknown."""
@@ -294,23 +348,95 @@ class TaskStream:
 
 
 def eval_batches(
-    task: Task, rank: int, world: int, cfg: StreamConfig | None = None, max_batches: int = 0
+    task: Task,
+    rank: int,
+    world: int,
+    cfg: StreamConfig | None = None,
+    max_batches: int = 0,
+    local: bool = False,
 ) -> Iterator[dict]:
-    """One pass over rank's share of the validation split (no shuffling, last batch kept).
-    `max_batches` > 0 stops early by limiting the dataset, so no execution is left running."""
+    """One pass over rank's share of the validation split, in order (no shuffling, last batch
+    kept), each batch decoded by a Ray task as in training (`decoded`), or with `local` in this
+    process (one batch ahead, in a thread). `max_batches` > 0 stops after that many."""
     cfg = cfg or StreamConfig()
     src = task.source("val")
     units = src.units[rank::world]
-    if not units:
-        return iter(())
-    ds = build_dataset(task, src.read, units, False, 0, cfg)
+    load = src.load or (item_rows if src.read is items_dataset else _rows_through(src.read))
+    per_read = max(1, cfg.chunk_rows // max(1, src.rows_per_unit))
+    raw = ((rows, 0, None) for rows in _in_batches(load, units, task.cfg.batch_size, per_read))
     if max_batches:
-        ds = ds.limit(max_batches * task.cfg.batch_size)
-    return iter(
-        ds.iter_torch_batches(
-            batch_size=task.cfg.batch_size, drop_last=False, prefetch_batches=0, collate_fn=Collate()
-        )
+        raw = itertools.islice(raw, max_batches)
+    if local:
+        return _ahead(collate_numpy(task.preprocess(rows, train=False, seed=seed)) for rows, seed, _ in raw)
+    return (batch for batch, _ in decoded(task, raw, False, cfg))
+
+
+def _ahead(items: Iterator[Any]) -> Iterator[Any]:
+    """`items`, with the next one computed in a thread while the consumer works on this one."""
+    with ThreadPoolExecutor(1, thread_name_prefix="gppf-eval-decode") as pool:
+        nxt = pool.submit(next, items, None)
+        while (item := nxt.result()) is not None:
+            nxt = pool.submit(next, items, None)
+            yield item
+
+
+def _in_batches(
+    load: Callable[[list[Any]], dict[str, np.ndarray]], units: list[Any], bs: int, chunk_units: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of `units` in order, read `chunk_units` units at a time, as batches of `bs` rows
+    (the last one shorter)."""
+    held: dict[str, np.ndarray] = {}
+    for a in range(0, len(units), chunk_units):
+        rows = load(units[a : a + chunk_units])
+        held = {k: np.concatenate([held[k], v]) for k, v in rows.items()} if held else rows
+        while _num_rows(held) >= bs:
+            yield {k: v[:bs] for k, v in held.items()}
+            held = {k: v[bs:] for k, v in held.items()}
+    if held and _num_rows(held):
+        yield held
+
+
+def decoded(
+    task: Task,
+    raw: Iterator[tuple[dict[str, np.ndarray], int, Any]],
+    train: bool,
+    cfg: StreamConfig,
+    stop: threading.Event | None = None,
+) -> Iterator[tuple[dict[str, Any], Any]]:
+    """(batch, tag) for each (raw rows, seed, tag) of `raw`, in order: each batch is
+    `task.preprocess`ed by a Ray task reserving `cfg.cpus_per_task` CPUs, `cfg.decode_tasks` of
+    them in flight (a DataLoader's workers and prefetch, with the cluster as the worker pool), and
+    collated here (gppf.io.batches). Ends early, cancelling what is in flight, once `stop` is set
+    or when the consumer closes the generator."""
+    import ray
+
+    task_ref = ray.put(task)  # shipped once, not with every batch
+    # "DEFAULT": wherever the cluster has CPUs, also from a Tune trial, whose placement group would
+    # otherwise capture the task (and hold no bundle for it)
+    decode = _remote_decode().options(
+        num_cpus=cfg.cpus_per_task, name=f"decode {task.name}", scheduling_strategy="DEFAULT"
     )
+    inflight: collections.deque = collections.deque()
+    stop = stop or threading.Event()
+    try:
+        for rows, seed, tag in raw:
+            inflight.append((decode.remote(task_ref, rows, train, seed), tag))
+            while len(inflight) >= max(1, cfg.decode_tasks):
+                ref, tag = inflight.popleft()
+                out = _get(ref, stop)
+                if out is None:
+                    return
+                yield collate_numpy(out), tag
+        while inflight:
+            ref, tag = inflight.popleft()
+            out = _get(ref, stop)
+            if out is None:
+                return
+            yield collate_numpy(out), tag
+    finally:
+        for ref, _ in inflight:  # decoding nobody will take: free its CPUs
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
 
 
 def _slices(units: list[Any], first: int, per: int) -> list[list[Any]]:
@@ -325,3 +451,19 @@ def items_dataset(items: list[Any], rows_per_block: int = 64):
     import ray.data
 
     return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_block)))
+
+
+def item_rows(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Item dicts as one batch of numpy columns, as `items_dataset` would give them: numbers as
+    numeric arrays, anything else (paths, JSON strings, nested lists) as object arrays."""
+    out: dict[str, np.ndarray] = {}
+    for key in items[0] if items else ():
+        values = [item[key] for item in items]
+        if all(isinstance(v, (bool, int, float, np.number)) for v in values):
+            out[key] = np.asarray(values)
+        else:
+            column = np.empty(len(values), dtype=object)
+            for i, v in enumerate(values):  # element by element: a list stays one element
+                column[i] = v
+            out[key] = column
+    return out

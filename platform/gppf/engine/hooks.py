@@ -3,7 +3,7 @@
 | hook | before_train | before_step | after_step | after_train |
 |---|---|---|---|---|
 | StageHook | starts the stage's streams | enters the stage of this step (and starts its streams) | | |
-| EvalHook | step-0 evaluation | | every `eval_every` steps | final evaluation |
+| EvalHook | step-0 evaluation | (async) any done? | every `eval_every` steps (async: sent off) | final one |
 | CheckpointHook | | | every `checkpoint_every` steps, stage ends, the last step | |
 | ReportHook | | | log line + Ray Train report | last log line + final report |
 | PlotHook | | | | selection plots (lego) |
@@ -19,12 +19,14 @@ CheckpointHook and ReportHook) or to `Trainer(hooks=...)`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gppf.api.hooks import Hook
-from gppf.config.job import MultiTaskMetricsConfig
+from gppf.config.job import MultiTaskMetricsConfig, evaluates_asynchronously
+from gppf.engine.async_eval import AsyncEvaluations
 from gppf.engine.metrics_log import MetricsLogger, MetricWindow, say
 from gppf.engine.mt_metrics import with_multitask
 
@@ -64,10 +66,18 @@ class StageHook(Hook):
 
 
 class EvalHook(Hook):
-    """Validation metrics at step 0 (`at_start`), every `every` steps, and at the end, at most
-    `max_batches` per task and worker (0: all). All ranks evaluate their share of each split;
-    results go to the report, with the multi-task scores of `metrics` as the pseudo-task
-    `multitask` (gppf.engine.mt_metrics). `from_config` reads them from a job's config."""
+    """Validation metrics at step 0 (`at_start`), every `every` steps (a task's own
+    `tasks.<t>.eval_every` where set) and at the end, at most `max_batches` per task and worker
+    (0: all), with the multi-task scores of `metrics` as the pseudo-task `multitask`
+    (gppf.engine.mt_metrics) when every task was scored. `from_config` reads them from a job's config.
+
+    Blocking (the default for short runs): every rank stops and scores its share of each split;
+    the results go to that step's report. Asynchronous (`asynchronous`, `train.eval_async`): rank 0
+    hands the weights of the step to evaluator actors (gppf.engine.async_eval) and training goes
+    on; an evaluation that finished is reported at its own step after a later step (every rank
+    learns how many from the step's payload slot `rank0_reports`, so all make the same reports).
+    The final evaluation waits for those still out, then is blocking. Every evaluation is kept in
+    `history` and reported with the final one (`evaluations`: results.json)."""
 
     def __init__(
         self,
@@ -75,32 +85,125 @@ class EvalHook(Hook):
         max_batches: int = 0,
         at_start: bool = True,
         metrics: MultiTaskMetricsConfig | None = None,
+        asynchronous: bool = False,
     ):
         self.every, self.max_batches, self.at_start = every, max_batches, at_start
         self.metrics = metrics if metrics is not None else MultiTaskMetricsConfig()
+        self.asynchronous = asynchronous
+        self.remote: AsyncEvaluations | None = None  # rank 0's, when asynchronous
+        self.history: list[dict[str, Any]] = []
+        self.launch_seconds: dict[int, float] = {}  # rank 0: step -> seconds spent sending it off
 
     @classmethod
-    def from_config(cls, train: TrainConfig, metrics: MultiTaskMetricsConfig) -> EvalHook:
-        return cls(train.eval_every, train.eval_max_batches, train.eval_at_start, metrics)
+    def from_config(
+        cls, train: TrainConfig, metrics: MultiTaskMetricsConfig, total_steps: int = 0
+    ) -> EvalHook:
+        """`total_steps`: the run's length (its stages'), for `train.eval_async="auto"`."""
+        on = evaluates_asynchronously(train, total_steps)
+        return cls(train.eval_every, train.eval_max_batches, train.eval_at_start, metrics, asynchronous=on)
 
-    def evaluate(self, t: Trainer) -> dict[str, dict[str, float]]:
-        return with_multitask(t.evaluate(self.max_batches), self.metrics)
+    def due(self, t: Trainer) -> list[str]:
+        """The tasks evaluated after step t.step: each at its own cadence, or every `every` steps."""
+        return [
+            task.name
+            for task in t.tasks
+            if (every := task.cfg.eval_every or self.every) and t.step % every == 0
+        ]
+
+    def _scores(self, t: Trainer, results: dict[str, dict[str, float]]) -> dict[str, Any]:
+        """With the multi-task entry when the evaluation covers every task."""
+        whole = {task.name for task in t.tasks} <= set(results)
+        return with_multitask(results, self.metrics) if whole else results
+
+    def evaluate(self, t: Trainer, names: list[str] | None = None) -> dict[str, Any]:
+        scores = self._scores(t, t.evaluate(self.max_batches, names))
+        self.history.append({"step": t.step, "eval": scores})
+        return scores
 
     def before_train(self, t: Trainer) -> None:
+        if self.asynchronous and t.rank == 0:
+            self.remote = AsyncEvaluations(t.cfg, t.world)
         if t.step == 0 and not t.initial_eval and self.at_start:
+            if self.asynchronous:
+                self._launch(t, [task.name for task in t.tasks])
+                return
             t.initial_eval = self.evaluate(t)
             t.report.metrics["eval"] = t.initial_eval
             t.report.log = True
 
+    def before_step(self, t: Trainer) -> None:
+        if self.remote is not None:
+            n = self.remote.ready()
+            if n:
+                t.payload.add("rank0_reports", 0, n)
+
     def after_step(self, t: Trainer, out: StepOutput) -> None:
-        every = self.every
-        if every and t.step % every == 0 and t.step < t.total_steps:  # the end: after_train
-            t.report.metrics["eval"] = self.evaluate(t)
+        if self.asynchronous:
+            n = int(t.payload.view(out.stats, "rank0_reports")[0])
+            if n:
+                t.report.earlier += self._arrived(t, n)
+        if t.step >= t.total_steps:  # the end: after_train
+            return
+        names = self.due(t)
+        if not names:
+            return
+        if self.asynchronous:
+            self._launch(t, names)
+        else:
+            t.report.metrics["eval"] = self.evaluate(t, names)
             t.report.log = True
 
     def after_train(self, t: Trainer) -> None:
+        if self.asynchronous:  # what is still out, in step order, before the final evaluation
+            t.report.earlier += self._arrived(t, self._count_pending(t))
         final = self.evaluate(t)
-        t.report.metrics.update(eval=final, final_eval=final, initial_eval=t.initial_eval)
+        t.report.metrics.update(
+            eval=final, final_eval=final, initial_eval=t.initial_eval, evaluations=list(self.history)
+        )
+
+    def _launch(self, t: Trainer, names: list[str]) -> None:
+        if self.remote is None:  # ranks other than 0
+            return
+        t0 = time.perf_counter()
+        launched = self.remote.launch(t.step, t.model, names)
+        self.launch_seconds[t.step] = time.perf_counter() - t0
+        if not launched:
+            waiting = ", ".join(str(p.step) for p in self.remote.pending)
+            say(
+                f"[gppf] evaluation at step {t.step} skipped: the evaluators are still on the ones of "
+                f"steps {waiting} (add train.eval_actors, give them more train.eval_resources, or "
+                "evaluate less often)"
+            )
+
+    def _count_pending(self, t: Trainer) -> int:
+        """Rank 0's number of evaluations still out, on every rank (a collective)."""
+        import torch
+        import torch.distributed as dist
+
+        from gppf.dist.eval_group import eval_group
+
+        n = torch.tensor([len(self.remote.pending) if self.remote is not None else 0])
+        if t.world > 1:
+            dist.broadcast(n, src=0, group=eval_group())
+        return int(n)
+
+    def _arrived(self, t: Trainer, n: int) -> list[dict[str, Any]]:
+        """Reports of the `n` oldest asynchronous evaluations: on rank 0 their results at their own
+        steps (waiting for any not finished yet); elsewhere stand-ins, so every rank reports alike."""
+        if self.remote is None:
+            return [{"step": t.step, "eval": {}} for _ in range(n)]
+        out = []
+        for step, results in self.remote.take(n):
+            scores = self._scores(t, results)
+            if step == 0 and not t.initial_eval:
+                t.initial_eval = scores
+            self.history.append({"step": step, "eval": scores})
+            out.append({"step": step, "start_step": t.start_step, "eval": scores, "reported_at_step": t.step})
+        return out
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
 
 
 class CheckpointHook(Hook):
@@ -139,6 +242,7 @@ class ReportHook(Hook):
 
     def after_step(self, t: Trainer, out: StepOutput) -> None:
         self.window.add(out)
+        self._emit_earlier(t)
         log = t.step % self.log_every == 0 or t.step == t.total_steps or t.report.log
         if not (log or t.report.checkpoint is not None or t.report.metrics):
             return
@@ -152,10 +256,20 @@ class ReportHook(Hook):
         self._emit(t, metrics, log)
 
     def after_train(self, t: Trainer) -> None:
+        self._emit_earlier(t)
         final = {**(self.deferred or self.last), **t.report.metrics}
         if self.logger:  # the run's last line: the last window with the final evaluation
-            self.logger.log({k: v for k, v in final.items() if k not in ("final_eval", "initial_eval")})
+            skip = ("final_eval", "initial_eval", "evaluations")
+            self.logger.log({k: v for k, v in final.items() if k not in skip})
         self._emit(t, final, log=False)
+
+    def _emit_earlier(self, t: Trainer) -> None:
+        """Reports of earlier steps (asynchronous evaluations), each logged at its own step."""
+        for metrics in t.report.earlier:
+            if self.logger:
+                self.logger.log(metrics)
+            self.sink(metrics, None)
+        t.report.earlier = []
 
     def _emit(self, t: Trainer, metrics: dict[str, Any], log: bool) -> None:
         if log and self.logger:

@@ -39,7 +39,7 @@ def say(msg: str) -> None:
     print(msg, file=sys.__stdout__, flush=True)
 
 
-BUILTIN_SLOTS = ("nonfinite", "loss", "steps", "samples", "data_wait", "task_choice")
+BUILTIN_SLOTS = ("nonfinite", "loss", "steps", "samples", "data_wait", "task_choice", "rank0_reports")
 
 
 class MetricWindow:

@@ -152,6 +152,8 @@ class Trainer:
         p.register("samples", n)
         p.register("data_wait", self.world)  # seconds each rank waited for its batch
         p.register("task_choice", self.world, windowed=False)  # the task index each rank ran
+        # Rank 0: how many finished asynchronous evaluations every rank reports after this step
+        p.register("rank0_reports", 1, windowed=False)
         for name, head in self.synced.items():  # e.g. MoCo's keys, for a queue shared by all ranks
             for slot, size in head.sync_slots().items():
                 p.register(f"{name}/{slot}", size * self.world, windowed=False)
@@ -308,9 +310,11 @@ class Trainer:
                 hook.close()
 
     # -- evaluation and state -----------------------------------------------------------------
-    def evaluate(self, max_batches: int = 0) -> dict[str, dict[str, float]]:
-        """Every worker evaluates its share of each task's validation split; states are summed."""
-        model, tasks, data = self.model, self.tasks, self.cfg.data
+    def evaluate(self, max_batches: int = 0, names: list[str] | None = None) -> dict[str, dict[str, float]]:
+        """Every worker evaluates its share of each task's validation split (of the tasks `names`,
+        default all); states are summed."""
+        model, data = self.model, self.cfg.data
+        tasks = [t for t in self.tasks if names is None or t.name in names]
         results = evaluate(model, tasks, data, self.device, self.rank, self.world, max_batches, self.autocast)
         self.set_train_mode()
         return results

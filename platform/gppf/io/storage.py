@@ -234,6 +234,17 @@ def read_parquet(paths: list[str], **kw: Any):
     return ray.data.read_parquet(paths, **kw)
 
 
+def parquet_rows(paths: list[str], columns: list[str]) -> dict[str, Any]:
+    """The rows of Parquet files (local paths or URIs) as numpy columns, in file order, read in
+    this process with pyarrow (binary columns as object arrays of bytes, as Ray Data gives them)."""
+    import numpy as np
+    import pyarrow as pa
+
+    tables = [parquet_file(f).read(columns=columns) for f in paths]
+    table = pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
+    return {c: np.asarray(table.column(c).to_numpy(zero_copy_only=False)) for c in columns}
+
+
 def parquet_file(p: str | Path | UriPath):
     """`pyarrow.parquet.ParquetFile` of a local path or a URI (reads the footer, not the data)."""
     import pyarrow.parquet as pq

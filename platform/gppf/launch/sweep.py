@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gppf.config.base import ConfigError, apply_values, to_dict
-from gppf.config.job import JobConfig, split_key
+from gppf.config.job import JobConfig, evaluates_asynchronously, split_key
 from gppf.config.sweep import SweepConfig
 from gppf.engine.mt_metrics import MULTITASK
 from gppf.launch.search_space import corners, describe, is_grid
@@ -151,10 +151,16 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], runs_dir: str, objec
 # --- the sweep ------------------------------------------------------------------------------------
 
 
-def trial_cpus(cfg: JobConfig, sweep: SweepConfig) -> tuple[float, int]:
-    """(CPUs, GPUs) one trial occupies: its workers' reservation plus CPUs for its data decoding."""
-    s = cfg.scaling
-    return s.num_workers * s.cpus_per_worker + sweep.data_cpus_per_trial, s.num_workers if s.use_gpu else 0
+def trial_cpus(cfg: JobConfig, sweep: SweepConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) one trial occupies: its workers' reservation, CPUs for its data decoding, and
+    its evaluators' when it evaluates asynchronously (gppf.engine.async_eval)."""
+    s, t = cfg.scaling, cfg.train
+    cpus = s.num_workers * s.cpus_per_worker + sweep.data_cpus_per_trial
+    gpus = float(s.num_workers if s.use_gpu else 0)
+    if evaluates_asynchronously(t, t.steps):
+        cpus += t.eval_actors * t.eval_resources.get("CPU", 0.0)
+        gpus += t.eval_actors * t.eval_resources.get("GPU", 0.0)
+    return cpus, gpus
 
 
 def concurrency(cfg: JobConfig, sweep: SweepConfig) -> int:
@@ -282,7 +288,7 @@ def run_sweep(
     print(
         f"[gppf] sweep {sweep.name}: {sweep.num_samples} trials of {base.train.steps} steps, objective "
         f"{sweep.objective} ({sweep.mode}), {sweep.searcher} search, {sweep.scheduler}; up to {n_parallel} "
-        f"at a time (a trial takes {cpus:g} CPU{f', {gpus} GPU' if gpus else ''}; the cluster has "
+        f"at a time (a trial takes {cpus:g} CPU{f', {gpus:g} GPU' if gpus else ''}; the cluster has "
         f"{have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU); directory {path}",
         flush=True,
     )

@@ -125,7 +125,7 @@ def default_hooks(t: Trainer, sink: Sink, run_dir: Path, extra: list[Hook] | Non
     logger = MetricsLogger(run_dir, t.total_steps) if t.rank == 0 else None
     return [
         StageHook(),
-        EvalHook.from_config(t.cfg.train, t.cfg.metrics),
+        EvalHook.from_config(t.cfg.train, t.cfg.metrics, t.total_steps),
         CheckpointHook(t.cfg.train.checkpoint_every),
         *(extra or []),
         ReportHook(sink, logger, t.cfg.train.log_every),
