@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gppf.api.task import Task
+from gppf.api.task import DataSource, Task
 from gppf.config.job import StreamConfig
 from gppf.data.subsets import train_source
 from gppf.io.batches import collate_numpy
@@ -42,10 +42,6 @@ from gppf.io.batches import collate_numpy
 
 def task_key(name: str) -> int:
     return zlib.crc32(name.encode())
-
-
-def _preprocess(batch: dict[str, np.ndarray], task: Task, train: bool, seed: int) -> dict[str, np.ndarray]:
-    return task.preprocess(batch, train=train, seed=seed)
 
 
 def _decode(task: Task, rows: dict[str, np.ndarray], train: bool, seed: int) -> dict[str, np.ndarray]:
@@ -91,6 +87,12 @@ def _num_rows(rows: dict[str, np.ndarray]) -> int:
     return len(next(iter(rows.values()))) if rows else 0
 
 
+def row_reader(src: DataSource) -> Callable[[list[Any]], dict[str, np.ndarray]]:
+    """units -> their raw rows as numpy columns, read in this process: the source's `load`, the
+    units themselves for `items_dataset` sources, else through its Ray Data reader."""
+    return src.load or (item_rows if src.read is items_dataset else _rows_through(src.read))
+
+
 def _rows_through(read: Callable[[list[Any]], Any]) -> Callable[[list[Any]], dict[str, np.ndarray]]:
     """A source without `load`: its raw rows through its Ray Data reader (one execution per chunk)."""
 
@@ -115,17 +117,6 @@ def configure_data_context(cfg: StreamConfig) -> None:
     # Every chunk of every stream, and every evaluation, is one Ray Data execution; its INFO lines
     # ("Dataset ... execution finished in 0.07 seconds") would bury the trainer's progress lines.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def build_dataset(task: Task, read, units: list[Any], train: bool, seed: int, cfg: StreamConfig):
-    ds = read(units)
-    return ds.map_batches(
-        _preprocess,
-        fn_kwargs={"task": task, "train": train, "seed": seed},
-        batch_format="numpy",
-        batch_size=max(1, task.cfg.batch_size),
-        num_cpus=cfg.cpus_per_task,
-    )
 
 
 class TaskStream:
@@ -155,13 +146,14 @@ class TaskStream:
             raise ValueError(f"task {task.name!r}: the train split has no data")
         self.units = src.units
         # units -> raw rows (numpy columns), in this process
-        self.read = src.load or (item_rows if src.read is items_dataset else _rows_through(src.read))
+        self.read = row_reader(src)
         self.rows_per_unit = src.rows_per_unit
         self.unit_rows = src.unit_rows
         self.pass_idx = 0
         self.taken = 0  # batches the trainer has taken from the current pass
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
+        self._opened = threading.Event()  # set once the trainer has taken a batch
         self._thread: threading.Thread | None = None
 
     # -- the plan of a pass: a pure function of (seed, task, pass, rank, world) --------------
@@ -227,11 +219,16 @@ class TaskStream:
                     continue
             return False
 
+        opened = self._opened
+        width = lambda: self.cfg.decode_tasks if opened.is_set() else 1  # noqa: E731
         try:
             raw = ((rows, seed, (p, seen)) for p, seen, seed, rows in self._batches(pass_idx, skip))
-            for batch, (p, seen) in decoded(self.task, raw, True, self.cfg, stop):
+            for batch, (p, seen) in decoded(self.task, raw, True, self.cfg, stop, width):
                 if not put((batch, p, seen)):
                     return
+                while not opened.wait(0.5):  # primed: one batch ready until the trainer takes one
+                    if stop.is_set():
+                        return
         except BaseException as e:  # hand it to the trainer, which raises it with the task's name
             put(_cause(e))
 
@@ -283,13 +280,16 @@ class TaskStream:
         return out
 
     def start(self) -> None:
-        """Start decoding now (idempotent): the first `next()` then finds batches ready."""
+        """Prime the stream (idempotent): decode its first batch now, and no more until the
+        trainer takes one (then `data.decode_tasks` at once): a job's many streams, started
+        together, do not queue their whole prefetch ahead of the batches the first steps need."""
         if self._queue is None:
             self._start()
 
     def _start(self) -> None:
         self._queue = queue.Queue(maxsize=max(1, self.cfg.prefetch_batches))
         self._stop = threading.Event()
+        self._opened = threading.Event()
         self._thread = threading.Thread(
             target=self._produce,
             args=(self.pass_idx, self.taken, self._queue, self._stop),
@@ -302,6 +302,7 @@ class TaskStream:
         t0 = time.perf_counter()
         if self._queue is None:
             self._start()
+        self._opened.set()
         while True:
             try:
                 item = self._queue.get(timeout=self.cfg.stall_warning_s)
@@ -361,7 +362,7 @@ def eval_batches(
     cfg = cfg or StreamConfig()
     src = task.source("val")
     units = src.units[rank::world]
-    load = src.load or (item_rows if src.read is items_dataset else _rows_through(src.read))
+    load = row_reader(src)
     per_read = max(1, cfg.chunk_rows // max(1, src.rows_per_unit))
     raw = ((rows, 0, None) for rows in _in_batches(load, units, task.cfg.batch_size, per_read))
     if max_batches:
@@ -402,12 +403,13 @@ def decoded(
     train: bool,
     cfg: StreamConfig,
     stop: threading.Event | None = None,
+    width: Callable[[], int] | None = None,
 ) -> Iterator[tuple[dict[str, Any], Any]]:
     """(batch, tag) for each (raw rows, seed, tag) of `raw`, in order: each batch is
     `task.preprocess`ed by a Ray task reserving `cfg.cpus_per_task` CPUs, `cfg.decode_tasks` of
-    them in flight (a DataLoader's workers and prefetch, with the cluster as the worker pool), and
-    collated here (gppf.io.batches). Ends early, cancelling what is in flight, once `stop` is set
-    or when the consumer closes the generator."""
+    them in flight (a DataLoader's workers and prefetch, with the cluster as the worker pool;
+    `width()` instead, when given), and collated here (gppf.io.batches). Ends early, cancelling
+    what is in flight, once `stop` is set or when the consumer closes the generator."""
     import ray
 
     task_ref = ray.put(task)  # shipped once, not with every batch
@@ -421,7 +423,7 @@ def decoded(
     try:
         for rows, seed, tag in raw:
             inflight.append((decode.remote(task_ref, rows, train, seed), tag))
-            while len(inflight) >= max(1, cfg.decode_tasks):
+            while len(inflight) >= max(1, width() if width else cfg.decode_tasks):
                 ref, tag = inflight.popleft()
                 out = _get(ref, stop)
                 if out is None:

@@ -56,13 +56,26 @@ class StageHook(Hook):
 
     @staticmethod
     def _announce(t: Trainer) -> None:
-        weights = t.plan.weights[t.stage_index]
-        for i, w in enumerate(weights):
-            if w > 0:
-                for j in [i, *t.attached.get(i, [])]:
-                    t.stream(t.tasks[j]).start()
+        for i in StageHook.first_use(t):
+            for j in [i, *t.attached.get(i, [])]:
+                t.stream(t.tasks[j]).start()
         if t.rank == 0 and len(t.plan.stages) > 1:
             say(f"[gppf] {t.plan.describe(t.stage_index)}")
+
+
+    @staticmethod
+    def first_use(t: Trainer, horizon: int = 1000) -> list[int]:
+        """The stage's tasks in the order this rank first samples them (the sampler is a pure
+        function of seed, step and rank), those not met within `horizon` steps last: priming in
+        this order puts the first steps' batches first in the cluster's decode queue."""
+        weights = t.plan.weights[t.stage_index]
+        order: list[int] = []
+        for step in range(t.step, t.step + horizon):
+            if t.plan.index_at(step) != t.stage_index or len(order) == sum(w > 0 for w in weights):
+                break
+            if (i := t.task_at(step)) not in order:
+                order.append(i)
+        return order + [i for i, w in enumerate(weights) if w > 0 and i not in order]
 
 
 class EvalHook(Hook):

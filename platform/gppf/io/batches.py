@@ -2,15 +2,12 @@
 
 A plugin's `preprocess` may return a column whose rows differ in shape as an object array of
 per-row arrays: evaluation images at their own aspect-kept test size, segmentation labels at
-their original resolution, a variable number of boxes per detection image. Ray Data carries such
-a column as a variable-shaped tensor through the object store; `Collate` turns it into an object
-array of tensors (one per row) instead of failing, as `iter_torch_batches`'s default collate does,
-and `move` (what `Task.to_device` calls) into a list of tensors on the device. (Not a list before
-that: Ray's finalize step would try to concatenate a dict of tensor lists into one tensor each.) A
-column whose rows happen to share a shape in one batch arrives stacked: consumers of a ragged
-column accept both (`rows`).
+their original resolution, a variable number of boxes per detection image. `collate_numpy` (what
+a stream calls on each decoded batch) turns such a column into an object array of tensors (one
+per row), and `move` (what `Task.to_device` calls) into a list of tensors on the device. A column
+whose rows happen to share a shape in one batch arrives stacked: consumers of a ragged column
+accept both (`rows`).
 """
-
 from __future__ import annotations
 
 import warnings
@@ -18,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 Column = torch.Tensor | list[torch.Tensor] | np.ndarray
 
@@ -43,13 +39,6 @@ def collate_numpy(batch: dict[str, np.ndarray]) -> dict[str, Column]:
             else:
                 out[key] = value
     return out
-
-
-class Collate(NumpyBatchCollateFn):
-    """`iter_torch_batches(collate_fn=Collate())`: see the module docstring."""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Column]:
-        return collate_numpy(batch)
 
 
 def _is_ragged(value: Any) -> bool:

@@ -30,7 +30,6 @@ from gppf.engine.trainer import Trainer
 from gppf.io import storage
 from gppf.io.checkpoint import load_checkpoint, save_checkpoint
 from gppf.io.storage import UriPath
-from gppf.tools.plots import draw
 
 
 def _quiet_ray_train_reports() -> None:
@@ -119,6 +118,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t.run()
 
 
+def _draw(run_dir: Path) -> list[Path]:
+    """gppf.tools.plots.draw, imported when the plots are drawn: matplotlib costs every worker
+    0.4 s of start-up otherwise."""
+    from gppf.tools.plots import draw
+
+    return draw(run_dir)
+
+
 def default_hooks(t: Trainer, sink: Sink, run_dir: Path, extra: list[Hook] | None = None) -> list[Hook]:
     """The standard hooks in their order. `extra` hooks run after the checkpoint and before the
     report of each step, so what they put into `trainer.report.metrics` is reported that step."""
@@ -129,6 +136,6 @@ def default_hooks(t: Trainer, sink: Sink, run_dir: Path, extra: list[Hook] | Non
         CheckpointHook(t.cfg.train.checkpoint_every),
         *(extra or []),
         ReportHook(sink, logger, t.cfg.train.log_every),
-        PlotHook(run_dir, logger, draw),
+        PlotHook(run_dir, logger, _draw),
         *([ExportHook(run_dir)] if t.cfg.train.export_routes else []),
     ]

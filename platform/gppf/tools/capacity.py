@@ -88,23 +88,18 @@ class TaskPlan:
 
 
 def _one_batch(task, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """A training batch of `batch_size` through the task's own read + preprocess (units repeated
-    when the split is smaller)."""
-    from gppf.config.job import StreamConfig
-    from gppf.data.stream import build_dataset, configure_data_context
-    from gppf.io.batches import Collate
+    """A training batch of `batch_size` through the task's own raw rows and `preprocess`, as the
+    stream's decode tasks make it, here in this process (units repeated when the split is smaller)."""
+    from gppf.data.stream import row_reader
+    from gppf.io.batches import collate_numpy
 
-    configure_data_context(StreamConfig())  # Ray Data's per-dataset INFO lines stay off the terminal
     src = task.source("train")
     need = math.ceil(batch_size / max(src.rows_per_unit, 1))
     if not src.units:
         raise ValueError(f"task {task.name!r}: its train split is empty")
     units = (src.units * math.ceil(need / len(src.units)))[:need]
-    ds = build_dataset(task, src.read, units, True, seed, StreamConfig())
-    batches = ds.iter_torch_batches(
-        batch_size=batch_size, drop_last=False, prefetch_batches=0, collate_fn=Collate()
-    )
-    return next(iter(batches))
+    rows = {k: v[:batch_size] for k, v in row_reader(src)(units).items()}
+    return collate_numpy(task.preprocess(rows, train=True, seed=seed))
 
 
 def _cut(batch: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
