@@ -73,7 +73,7 @@ class StreamConfig:
     cpus_per_task: float = 1.0
     decode_tasks: int = 4
     stall_warning_s: float = 120.0  # warn (naming the task) when a batch takes longer than this
-    preserve_order: bool = True  # deterministic order: the position then identifies the next batch
+    preserve_order: bool = True  # Ray Data keeps rows in order (readers without `load`, pseudo-labels)
 
 
 # -- adapters and language guidance (gppf.models.neck, gppf.models.language) ----------------------

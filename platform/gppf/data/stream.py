@@ -1,19 +1,20 @@
-"""Per-worker, per-task Ray Data streams that never make one worker wait for another.
+"""Per-worker, per-task streams that never make one worker wait for another.
 
 Ray Train's `get_dataset_shard` uses `streaming_split`, which pre-assigns blocks to ranks and has
 a per-epoch barrier: with ranks consuming tasks at independent random rates it deadlocks within
-about 60 steps (DESIGN.md). Instead each worker builds its own Ray Data pipeline over its share of
-each task's units:
+about 60 steps (DESIGN.md). Instead each worker streams its own share of each task's units:
 
     pass p of task t on rank r = concat over epochs e in p of permute(units, seed, t, e)[r::world]
-                                 -> task.source.read -> map_batches(task.preprocess) -> batches
+                                 -> chunks -> raw rows (DataSource.load, in the trainer's process)
+                                 -> shuffled, cut into batches -> one Ray task per batch runs
+                                    task.preprocess -> results in order
 
 with per-sample augmentation seeded per epoch (a pass repeats a small dataset for several epochs,
 and each repeat is augmented anew),
 
-so there is no shared coordinator, a worker that stops pulling a task only stops its own
-pipeline (Ray Data backpressure), the number of steps is unbounded (passes roll over), and the
-share follows the world size. The position (pass, batches taken) is the whole stream state.
+so there is no shared coordinator, a worker that stops pulling a task only stops its own stream
+(a bounded queue), the number of steps is unbounded (passes roll over), and the share follows
+the world size. The position (pass, batches taken) is the whole stream state.
 """
 
 from __future__ import annotations
@@ -87,16 +88,22 @@ def _num_rows(rows: dict[str, np.ndarray]) -> int:
     return len(next(iter(rows.values()))) if rows else 0
 
 
-def row_reader(src: DataSource) -> Callable[[list[Any]], dict[str, np.ndarray]]:
+def row_reader(
+    src: DataSource, cfg: StreamConfig | None = None
+) -> Callable[[list[Any]], dict[str, np.ndarray]]:
     """units -> their raw rows as numpy columns, read in this process: the source's `load`, the
     units themselves for `items_dataset` sources, else through its Ray Data reader."""
-    return src.load or (item_rows if src.read is items_dataset else _rows_through(src.read))
+    return src.load or (item_rows if src.read is items_dataset else _rows_through(src.read, cfg))
 
 
-def _rows_through(read: Callable[[list[Any]], Any]) -> Callable[[list[Any]], dict[str, np.ndarray]]:
-    """A source without `load`: its raw rows through its Ray Data reader (one execution per chunk)."""
+def _rows_through(
+    read: Callable[[list[Any]], Any], cfg: StreamConfig | None
+) -> Callable[[list[Any]], dict[str, np.ndarray]]:
+    """A source without `load`: its raw rows through its Ray Data reader (one execution per chunk,
+    in order: Ray Data is set up by `configure_data_context` on first use, not imported before)."""
 
     def load(units: list[Any]) -> dict[str, np.ndarray]:
+        configure_data_context(cfg or StreamConfig())
         batches = list(read(units).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0))
         if not batches:
             return {}
@@ -106,6 +113,8 @@ def _rows_through(read: Callable[[list[Any]], Any]) -> Callable[[list[Any]], dic
 
 
 def configure_data_context(cfg: StreamConfig) -> None:
+    """Ray Data in this process: rows in order (`data.preserve_order`), no progress bars, no
+    per-execution INFO lines (for readers that go through Ray Data, and pseudo-labelling)."""
     import logging
 
     import ray.data
@@ -114,8 +123,8 @@ def configure_data_context(cfg: StreamConfig) -> None:
     ctx.execution_options.preserve_order = cfg.preserve_order
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    # Every chunk of every stream, and every evaluation, is one Ray Data execution; its INFO lines
-    # ("Dataset ... execution finished in 0.07 seconds") would bury the trainer's progress lines.
+    # Its INFO lines ("Dataset ... execution finished in 0.07 seconds"), one per execution, would
+    # bury the trainer's progress lines.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
@@ -146,7 +155,7 @@ class TaskStream:
             raise ValueError(f"task {task.name!r}: the train split has no data")
         self.units = src.units
         # units -> raw rows (numpy columns), in this process
-        self.read = row_reader(src)
+        self.read = row_reader(src, self.cfg)
         self.rows_per_unit = src.rows_per_unit
         self.unit_rows = src.unit_rows
         self.pass_idx = 0
@@ -362,7 +371,7 @@ def eval_batches(
     cfg = cfg or StreamConfig()
     src = task.source("val")
     units = src.units[rank::world]
-    load = row_reader(src)
+    load = row_reader(src, cfg)
     per_read = max(1, cfg.chunk_rows // max(1, src.rows_per_unit))
     raw = ((rows, 0, None) for rows in _in_batches(load, units, task.cfg.batch_size, per_read))
     if max_batches:

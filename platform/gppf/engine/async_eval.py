@@ -39,12 +39,10 @@ class Evaluator:
 
     def __init__(self, job: dict[str, Any]):
         from gppf.api.registry import build_tasks
-        from gppf.data.stream import configure_data_context
         from gppf.engine.step import autocast_for
         from gppf.models.build import build_model
 
         self.cfg = from_dict(JobConfig, job, where="config")
-        configure_data_context(self.cfg.data)
         tasks = build_tasks(self.cfg)
         self.tasks = {t.name: t for t in tasks}
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,7 +14,6 @@ import torch
 from gppf.api.hooks import Hook
 from gppf.config.base import from_dict
 from gppf.config.job import JobConfig
-from gppf.data.stream import configure_data_context
 from gppf.engine.hooks import (
     CheckpointHook,
     EvalHook,
@@ -87,7 +86,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     threads = cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
     torch.set_num_threads(threads)
-    configure_data_context(cfg.data)
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if cfg.scaling.use_gpu else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

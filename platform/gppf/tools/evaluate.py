@@ -21,9 +21,8 @@ from gppf.models.build import LoadedModel
 
 def checkpoint_model(ckpt_dir: str | Path) -> tuple[LoadedModel, list[Task]]:
     """The checkpoint's whole model (CPU, eval mode) and its run's tasks, built from the run's
-    config.json (gppf.models.build.load_model); starts local Ray for the tasks' data streams."""
+    config.json (gppf.models.build.load_model); starts local Ray for the decode tasks."""
     from gppf.api.registry import build_tasks
-    from gppf.data.stream import configure_data_context
     from gppf.dist.ray_env import ensure_ray
     from gppf.models.build import checkpoint_config, load_model
 
@@ -31,7 +30,6 @@ def checkpoint_model(ckpt_dir: str | Path) -> tuple[LoadedModel, list[Task]]:
     tasks = build_tasks(checkpoint_config(ckpt_dir))
     loaded = load_model(ckpt_dir, tasks)
     ensure_ray()
-    configure_data_context(loaded.cfg.data)
     return loaded, tasks
 
 
